@@ -1,0 +1,43 @@
+"""Shared pieces of the command line: the Typer app and how user mistakes are reported."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..config import ConfigError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+console = Console()
+error_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one message, exit status 2, no traceback."""
+
+
+# Errors that mean "your input is wrong", not "diffmic is broken".
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
+
+
+def run_command(application: typer.Typer) -> None:
+    try:
+        application(standalone_mode=False)
+    except USER_ERRORS as error:
+        error_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        error_console.print("aborted")
+        sys.exit(130)
+    except Exception as error:  # click's usage errors carry their own exit code and message
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,48 @@
+"""`diffmic model-summary`: the networks a config builds and their parameter counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import app, console
+
+CONFIG_OPTION = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. configs/ham10000.yaml.")
+SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
+
+
+@app.command("model-summary")
+def model_summary(config: Path = CONFIG_OPTION, overrides: list[str] = SET_OPTION) -> None:
+    """Print the parameter count of every part of the model a config builds.
+
+    Example: diffmic model-summary --config configs/ham10000.yaml
+    """
+    from ..config import load_config
+    from ..models import build_model
+
+    cfg = load_config(config, overrides or [])
+    model = build_model(cfg)
+    table = Table(title=f"{config} (variant {cfg.model.variant}, {cfg.data.num_classes} classes, "
+                        f"{cfg.data.image_size}px)")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    for name, part in parameter_breakdown(model):
+        table.add_row(name, f"{part:,}")
+    console.print(table)
+
+
+def parameter_breakdown(model) -> list[tuple[str, int]]:
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    rows = [(f"guidance ({type(model.guide).__name__})", count(model.guide))]
+    for name, child in model.guide.named_children():
+        rows.append((f"  {name}", count(child)))
+    if model.denoiser is not None:
+        rows.append(("denoiser", count(model.denoiser)))
+        rows.append(("  image encoder rho(x)", count(model.denoiser.encoder)))
+        rows.append(("  conditional MLP", count(model.denoiser) - count(model.denoiser.encoder)))
+    rows.append(("total", count(model)))
+    return rows

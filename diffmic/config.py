@@ -1,0 +1,360 @@
+"""Typed experiment configuration: dataclasses validated at construction, YAML in and out.
+
+Every section is a small dataclass whose fields carry their types; `load_config` builds them from a
+YAML file plus dotted overrides (``model.dcg.k=4``), and a bad value fails at start-up with a
+`ConfigError` that names the full key. `dump_config` writes YAML that loads back to an equal config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
+CELL_SIZE = 32
+Backbone = Literal["resnet18", "resnet34", "resnet50"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the dotted key and what is allowed."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.detail = message
+        super().__init__(f"config key '{key}': {message}")
+
+    def under(self, prefix: str) -> "ConfigError":
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; ints widen to floats, nothing else is guessed."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _require(value in typing.get_args(tp), key, f"got {value!r}, expected {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(error.detail)
+        raise ConfigError(key, "; ".join(errors))
+    if origin in (list, tuple):
+        _require(isinstance(value, (list, tuple)), key, f"got {value!r}, expected a list")
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        _require(isinstance(value, dict), key, f"got {value!r}, expected a mapping")
+        return _from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), key, f"got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key,
+                 f"got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"got {value!r}, expected a number")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, f"got {value!r}, expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(key, f"unknown key; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise error.under(prefix) if prefix else error
+
+
+class Section:
+    """Base of every config section: type-checks its own fields, then runs `validate`."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks of one section; cross-section checks live in `Config.validate`."""
+
+
+@dataclass
+class AugmentConfig(Section):
+    hflip: bool = True
+    vflip: bool = False
+    rotation: float = 30.0  # degrees, uniform in [-rotation, rotation]
+
+    def validate(self) -> None:
+        _require(0 <= self.rotation <= 180, "rotation", f"got {self.rotation}, expected 0..180 degrees")
+
+
+@dataclass
+class DataConfig(Section):
+    dataset: str = "digits"
+    shards: str = ""  # folder made by `diffmic shard`; empty means shards/<dataset>
+    num_classes: int = 10
+    image_size: int = 64
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # ImageNet statistics: the trunks expect them, pretrained or not.
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def validate(self) -> None:
+        _require(self.num_classes >= 2, "num_classes", f"got {self.num_classes}, expected at least 2")
+        _require(self.image_size >= CELL_SIZE and self.image_size % CELL_SIZE == 0, "image_size",
+                 f"got {self.image_size}, expected a positive multiple of {CELL_SIZE}")
+        _require(self.num_workers >= 0, "num_workers", f"got {self.num_workers}, expected >= 0")
+        for key in ("mean", "std"):
+            _require(len(getattr(self, key)) == 3, key, "expected three values (R, G, B)")
+        _require(all(s > 0 for s in self.std), "std", "every value must be positive")
+
+
+@dataclass
+class DCGConfig(Section):
+    backbone: Backbone = "resnet50"
+    local_backbone: Backbone = "resnet50"
+    pretrained: str = ""  # local torchvision ResNet state_dict for both trunks; never downloaded
+    k: int = 6  # number of ROI tiles
+    top_t: float = 1.0  # fraction of saliency cells pooled into y_g (1.0 = global average pooling)
+    crop_channels: Literal["all", "first"] = "all"  # 'first' = the reference's channel-0 crops
+    attention_dim: int = 128
+
+    def validate(self) -> None:
+        _require(self.k >= 1, "k", f"got {self.k}, expected at least 1")
+        _require(0.0 < self.top_t <= 1.0, "top_t", f"got {self.top_t}, expected a fraction in (0, 1]")
+        _require(self.attention_dim >= 1, "attention_dim", "expected a positive width")
+
+
+@dataclass
+class DenoiserConfig(Section):
+    encoder: Backbone = "resnet18"
+    pretrained: str = ""
+    feature_dim: int = 6144
+
+    def validate(self) -> None:
+        _require(self.feature_dim >= 1, "feature_dim", f"got {self.feature_dim}, expected a positive width")
+
+
+@dataclass
+class ClassifierConfig(Section):
+    """The plain classifier of the `basic` and `c1` ablations (the paper's ResNet-18 baseline)."""
+
+    backbone: Backbone = "resnet18"
+    pretrained: str = ""
+
+
+@dataclass
+class ModelConfig(Section):
+    # full = DCG + MMD; c2 = DCG priors, no MMD; c1 = plain classifier prior; basic = classifier only
+    variant: Literal["full", "c2", "c1", "basic"] = "full"
+    dcg: DCGConfig = field(default_factory=DCGConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass
+class DiffusionConfig(Section):
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mmd_weight: float = 0.5  # lambda in L_diff
+    # The fused prior p: softmax of the fused logits (the authors' code) or the mean of the two
+    # streams' softmaxes (the paper's p_T). Used for training and sampling alike.
+    fused_prior: Literal["softmax_fused", "mean_softmax"] = "softmax_fused"
+
+    def validate(self) -> None:
+        _require(self.timesteps >= 2, "timesteps", f"got {self.timesteps}, expected at least 2")
+        _require(0 < self.beta_start < 1, "beta_start", f"got {self.beta_start}, expected in (0, 1)")
+        _require(self.beta_start <= self.beta_end < 1, "beta_end",
+                 f"got {self.beta_end}, expected in [beta_start, 1)")
+        _require(self.mmd_weight >= 0, "mmd_weight", f"got {self.mmd_weight}, expected >= 0")
+
+
+@dataclass
+class TrainConfig(Section):
+    epochs: int = 1000
+    max_steps: int = 0  # stop after this many joint steps; 0 = no limit
+    batch_size: int = 64  # per device
+    grad_accum: int = 1
+    dcg_warmup_epochs: int = 10
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    seed: int = 2000
+    distributed: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: str = "launch/deepspeed/zero2.json"
+    lr: float = 1e-3  # denoiser
+    warmup_epochs: int = 40  # linear lr warm-up of the denoiser, then half-cosine to 0
+    grad_clip: float = 1.0  # denoiser; 0 disables
+    dcg_lr: float = 2e-4
+    dcg_amsgrad: bool = True
+    dcg_grad_clip: float = 0.0
+    ema: bool = True
+    ema_rate: float = 0.9999
+    val_every: int = 10  # epochs between validations; 0 disables
+    select_metric: Literal["accuracy", "macro_f1", "kappa"] = "accuracy"
+    # 'val': model selection on the validation split; 'test': the authors' protocol (selects on test)
+    select_split: Literal["val", "test"] = "val"
+    checkpoint_every: int = 1  # epochs between checkpoints
+    keep_last: int = 2
+    log_every: int = 10  # steps
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every", "checkpoint_every"):
+            _require(getattr(self, key) >= 1, key, f"got {getattr(self, key)}, expected at least 1")
+        for key in ("max_steps", "dcg_warmup_epochs", "warmup_epochs", "val_every"):
+            _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0")
+        for key in ("lr", "dcg_lr"):
+            _require(getattr(self, key) > 0, key, f"got {getattr(self, key)}, expected > 0")
+        for key in ("grad_clip", "dcg_grad_clip"):
+            _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0 (0 disables)")
+        _require(0 <= self.ema_rate < 1, "ema_rate", f"got {self.ema_rate}, expected in [0, 1)")
+
+
+@dataclass
+class EvalConfig(Section):
+    sampler: Literal["respaced", "truncated", "ddim"] = "respaced"
+    steps: int = 250
+    n_samples: int = 1
+    aggregate: Literal["mean", "vote"] = "mean"  # how several chains per image combine
+    batch_size: int = 64
+    use_ema: bool = True
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "steps", f"got {self.steps}, expected at least 1")
+        _require(self.n_samples >= 1, "n_samples", f"got {self.n_samples}, expected at least 1")
+        _require(self.batch_size >= 1, "batch_size", f"got {self.batch_size}, expected at least 1")
+
+
+@dataclass
+class Config(Section):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        cells = (self.data.image_size // CELL_SIZE) ** 2
+        _require(self.model.dcg.k <= cells, "model.dcg.k",
+                 f"got {self.model.dcg.k}, but a {self.data.image_size}px input gives a "
+                 f"{self.data.image_size // CELL_SIZE}x{self.data.image_size // CELL_SIZE} saliency map "
+                 f"with only {cells} cells; use k <= {cells}")
+        _require(self.eval.steps <= self.diffusion.timesteps, "eval.steps",
+                 f"got {self.eval.steps}, expected at most diffusion.timesteps ({self.diffusion.timesteps})")
+
+    @property
+    def uses_diffusion(self) -> bool:
+        return self.model.variant != "basic"
+
+    @property
+    def uses_dcg(self) -> bool:
+        return self.model.variant in ("full", "c2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(values: dict) -> Config:
+    if not isinstance(values, dict):
+        raise ConfigError("", f"expected a mapping at the top level, got {type(values).__name__}")
+    return _from_dict(Config, values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Splits ``a.b.c=value``; the value is read as YAML so ``4``, ``true`` and ``[1, 2]`` keep their types."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "an override must look like key.subkey=value")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        node = values
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parents[: i + 1]), "is a value, not a section")
+            node = child
+        node[leaf] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("", f"config file {path} does not exist; pass --config with a file from configs/")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError("", f"{path} is not valid YAML: {error}") from None
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, type, default) for every leaf setting: the README's configuration table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(config_reference(hints[f.name], key + "."))
+        else:
+            rows.append((key, _type_name(hints[f.name]), value))
+    return rows

@@ -1,0 +1,74 @@
+"""Reverse diffusion from y_T = p + N(0, I) to y_0, as a plain function of a denoising callable.
+
+The callable sees only (y_t, t) and closes over everything that does not change with the step (the
+image features rho(x), the priors), so the image encoder and the guidance model run once per image
+whatever the number of steps. Coefficients are moved to the device once; the loop indexes them with
+Python ints, so no step waits on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+from .schedule import NoiseSchedule
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SamplerName = Literal["respaced", "truncated", "ddim"]
+SAMPLERS = ("respaced", "truncated", "ddim")
+
+
+def sampling_schedule(schedule: NoiseSchedule, sampler: str, steps: int) -> NoiseSchedule:
+    if sampler in ("respaced", "ddim"):
+        return schedule.respaced(steps)
+    if sampler == "truncated":
+        return schedule.truncated(steps)
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, sampler: str = "respaced",
+           steps: int = 250, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           record_every: int = 0) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+    """Runs one chain per row of `prior` (N, C) and returns y_0 (N, C) and, if `record_every` > 0,
+    the trajectory as (training timestep, y_t) pairs (y_T first, y_0 last, every k-th step between).
+
+    `noise`, when given, is (S + 1, N, C) standard normals: slot 0 starts the chain, slot i is used
+    by the i-th reverse step. It lets a caller fix each sample's noise independently of batching.
+    """
+    chain = sampling_schedule(schedule, sampler, steps)
+    length, (rows, classes) = len(chain), prior.shape
+    if noise is not None and noise.shape != (length + 1, rows, classes):
+        raise ValueError(f"noise must have shape {(length + 1, rows, classes)}, got {tuple(noise.shape)}")
+
+    def draw(slot: int) -> torch.Tensor:
+        if noise is not None:
+            return noise[slot]
+        return torch.randn(prior.shape, generator=generator, device=prior.device, dtype=prior.dtype)
+
+    device, dtype = prior.device, prior.dtype
+    abar = chain.alphas_cumprod.to(device, dtype)
+    abar_prev = chain.alphas_cumprod_prev.to(device, dtype)
+    coefficients = {k: v.to(device, dtype) for k, v in chain.posterior_coefficients().items()}
+    timesteps = chain.timesteps.to(device)
+    deterministic = sampler == "ddim"
+
+    y = prior + draw(0)
+    trajectory = [(int(chain.timesteps[-1]) + 1, y)] if record_every else []
+    for step, index in enumerate(range(length - 1, -1, -1), start=1):
+        t = timesteps[index].expand(rows)
+        eps_hat = denoise(y, t)
+        sqrt_abar = abar[index].sqrt()
+        y0_hat = (y - (1 - sqrt_abar) * prior - (1 - abar[index]).sqrt() * eps_hat) / sqrt_abar
+        if index == 0:
+            y = y0_hat
+        elif deterministic:
+            sqrt_abar_prev = abar_prev[index].sqrt()
+            y = sqrt_abar_prev * y0_hat + (1 - sqrt_abar_prev) * prior + (1 - abar_prev[index]).sqrt() * eps_hat
+        else:
+            mean = (coefficients["g0"][index] * y0_hat + coefficients["g1"][index] * y
+                    + coefficients["g2"][index] * prior)
+            y = mean + coefficients["beta_tilde"][index].sqrt() * draw(step)
+        if record_every and (step % record_every == 0 or index == 0):
+            trajectory.append((int(chain.timesteps[index]), y))
+    return y, trajectory

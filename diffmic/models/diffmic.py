@@ -1,0 +1,220 @@
+"""DiffMIC: the guidance model and the denoiser in one module, so that one engine can wrap it.
+
+`forward(batch)` returns the training losses (so DDP and DeepSpeed see a normal forward), and
+`predict(images, ...)` runs the guidance model and the image encoder once per image, then only the
+denoiser's MLP at each reverse step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
+from .backbones import PlainClassifier
+from .dcg import DCG, GuidanceLogits
+from .denoiser import Denoiser
+
+
+@dataclass
+class Prediction:
+    probs: torch.Tensor  # (B, C) class probabilities of the diffusion (or of the classifier for `basic`)
+    label: torch.Tensor  # (B,) argmax of probs
+    guide_probs: torch.Tensor  # (B, C) the guidance model's own softmax
+    guide_label: torch.Tensor  # (B,)
+    y0: torch.Tensor | None = None  # (B, n_samples, C) final state of every chain
+    uncertainty: torch.Tensor | None = None  # (B,) share of chains that disagree with `label` (n_samples > 1)
+    spread: torch.Tensor | None = None  # (B, C) standard deviation of y0 across chains (n_samples > 1)
+    trajectory: list | None = None  # [(timestep, (B, n_samples, C))], y_T first
+
+
+def check_batch(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, image_size: int,
+                values: bool = True) -> None:
+    """Raises ValueError naming what was expected; never lets a wrong shape broadcast silently."""
+    expected = f"(B, 3, {image_size}, {image_size})"
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor of shape {expected}, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor of shape {expected}, got dtype {images.dtype}")
+    if labels is not None:
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+            raise ValueError(f"labels must be an integer tensor of shape ({images.shape[0]},) matching the "
+                             f"images, got {labels.dtype} {tuple(labels.shape)}")
+        if values and labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all()):
+            raise ValueError(f"labels must lie in 0..{num_classes - 1} (the config's data.num_classes = "
+                             f"{num_classes}), got values {sorted(set(labels.tolist()))}")
+    if values and not bool(torch.isfinite(images).all()):
+        raise ValueError("images contain NaN or infinite values")
+
+
+def chain_probabilities(y0: torch.Tensor) -> torch.Tensor:
+    """Maps final states (..., C) to probabilities: y0 lives on the scale of one-hot labels, so its
+    positive part is normalised; a state with no positive entry falls back to its softmax."""
+    positive = y0.clamp_min(0)
+    total = positive.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, positive / total.clamp_min(1e-12), y0.softmax(dim=-1))
+
+
+class DiffMIC(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        model, diffusion = config.model, config.diffusion
+        self.variant = model.variant
+        self.num_classes = config.data.num_classes
+        self.image_size = config.data.image_size
+        self.mmd_weight = diffusion.mmd_weight
+        self.fused_prior = diffusion.fused_prior
+        self.timesteps = diffusion.timesteps
+        self.eval_defaults = config.eval
+        # Value checks (label range, finiteness) read tensors back to the host; the engine may turn
+        # them off on accelerators and check the batch in the data pipeline instead.
+        self.check_values = True
+        if config.uses_dcg:
+            dcg = model.dcg
+            self.guide = DCG(self.num_classes, dcg.backbone, dcg.local_backbone, dcg.k, dcg.top_t,
+                             dcg.crop_channels, dcg.attention_dim, dcg.pretrained)
+        else:
+            self.guide = PlainClassifier(self.num_classes, model.classifier.backbone, model.classifier.pretrained)
+        self.denoiser = None
+        if config.uses_diffusion:
+            self.denoiser = Denoiser(self.num_classes, model.denoiser.feature_dim, diffusion.timesteps,
+                                     model.denoiser.encoder, model.denoiser.pretrained)
+        # A plain attribute, not buffers: mixed-precision engines cast buffers, and the schedule's
+        # float64 closed forms must stay exact.
+        self.schedule = NoiseSchedule.linear(diffusion.timesteps, diffusion.beta_start, diffusion.beta_end)
+
+    # --- guidance ---------------------------------------------------------------------------------
+    def guidance(self, images: torch.Tensor) -> GuidanceLogits:
+        out = self.guide(images)
+        return out if isinstance(out, GuidanceLogits) else GuidanceLogits(out)
+
+    def priors(self, logits: GuidanceLogits) -> dict[str, torch.Tensor]:
+        """Class probabilities fed to the diffusion: the fused prior and, for the DCG, each stream's."""
+        priors = {}
+        if logits.global_ is not None:
+            priors["global"] = logits.global_.float().softmax(dim=-1)
+            priors["local"] = logits.local.float().softmax(dim=-1)
+        if self.fused_prior == "mean_softmax" and logits.global_ is not None:
+            priors["fused"] = (priors["global"] + priors["local"]) / 2
+        else:
+            priors["fused"] = logits.fused.float().softmax(dim=-1)
+        return priors
+
+    @torch.no_grad()
+    def frozen_priors(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Priors from the guidance model in eval mode, without gradients (its mode is restored)."""
+        was_training = self.guide.training
+        self.guide.eval()
+        try:
+            return self.priors(self.guidance(images))
+        finally:
+            self.guide.train(was_training)
+
+    # --- training ---------------------------------------------------------------------------------
+    def forward(self, batch: dict, train_denoiser: bool = True, train_guide: bool = True) -> dict[str, torch.Tensor]:
+        """Training losses for one batch: `loss` is their sum. The denoiser loss does not reach the
+        guidance model (its priors are computed without gradients) and the cross-entropy does not
+        reach the denoiser, so one backward gives each network its own gradient."""
+        images, labels = batch["image"], batch["label"]
+        check_batch(images, labels, self.num_classes, self.image_size, self.check_values)
+        losses: dict[str, torch.Tensor] = {}
+        total = images.new_zeros((), dtype=torch.float32)
+        if train_denoiser and self.denoiser is not None:
+            losses.update(self.denoiser_losses(images, labels))
+            total = total + losses["denoiser_loss"]
+        if train_guide:
+            losses["guide_loss"] = F.cross_entropy(self.guidance(images).fused.float(), labels)
+            total = total + losses["guide_loss"]
+        losses["loss"] = total
+        return losses
+
+    def denoiser_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_diff = MSE(eps, eps_hat_fused) + lambda (MMD(eps, eps_hat_g) + MMD(eps, eps_hat_l)) for
+        `full`; the MSE alone for `c1` and `c2`. One t per sample (antithetic), one eps for all branches."""
+        priors = self.frozen_priors(images)
+        y0 = F.one_hot(labels, self.num_classes).float()
+        index = antithetic_timesteps(y0.shape[0], len(self.schedule), device=y0.device)
+        eps = torch.randn_like(y0)
+        t = self.schedule.timesteps.to(y0.device)[index]
+        features = self.denoiser.encode(images)  # once for all branches
+
+        def eps_hat(prior: torch.Tensor) -> torch.Tensor:
+            y_t = self.schedule.q_sample(y0, prior, index, eps)
+            return self.denoiser(features, y_t, prior, t).float()
+
+        losses = {"mse": F.mse_loss(eps_hat(priors["fused"]), eps)}
+        losses["denoiser_loss"] = losses["mse"]
+        if self.variant == "full":
+            losses["mmd"] = mmd(eps, eps_hat(priors["global"])) + mmd(eps, eps_hat(priors["local"]))
+            losses["denoiser_loss"] = losses["mse"] + self.mmd_weight * losses["mmd"]
+        return losses
+
+    def guide_parameters(self) -> list[nn.Parameter]:
+        return list(self.guide.parameters())
+
+    def denoiser_parameters(self) -> list[nn.Parameter]:
+        return list(self.denoiser.parameters()) if self.denoiser is not None else []
+
+    # --- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, steps: int | None = None, sampler: str | None = None,
+                n_samples: int | None = None, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None, aggregate: str | None = None,
+                record_every: int = 0) -> Prediction:
+        """Class probabilities for a batch of images (in eval mode; the previous mode is restored).
+
+        `noise` (S + 1, B * n_samples, C), rows ordered image-major, fixes every chain's noise; else
+        `generator` (or the global RNG) draws it. Defaults come from the config's `eval` section.
+        """
+        defaults = self.eval_defaults
+        steps = steps or defaults.steps
+        sampler = sampler or defaults.sampler
+        n_samples = n_samples or defaults.n_samples
+        aggregate = aggregate or defaults.aggregate
+        check_batch(images, None, self.num_classes, self.image_size, self.check_values)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self.guidance(images)
+            priors = self.priors(logits)
+            guide_probs = logits.fused.float().softmax(dim=-1)
+            if self.denoiser is None:
+                label = guide_probs.argmax(dim=-1)
+                return Prediction(guide_probs, label, guide_probs, label)
+            return self._diffuse(images, priors["fused"], guide_probs, steps, sampler, n_samples,
+                                 generator, noise, aggregate, record_every)
+        finally:
+            self.train(was_training)
+
+    def _diffuse(self, images, prior, guide_probs, steps, sampler, n_samples, generator, noise,
+                 aggregate, record_every) -> Prediction:
+        batch = images.shape[0]
+        features = self.denoiser.encode(images).repeat_interleave(n_samples, dim=0)
+        prior_rows = prior.repeat_interleave(n_samples, dim=0)
+
+        def denoise(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(features, y_t, prior_rows, t).float()
+
+        y0, trajectory = sample(denoise, prior_rows, self.schedule, sampler, steps, noise, generator, record_every)
+        y0 = y0.view(batch, n_samples, self.num_classes)
+        if aggregate == "vote":
+            probs = F.one_hot(y0.argmax(dim=-1), self.num_classes).float().mean(dim=1)
+        else:
+            probs = chain_probabilities(y0.mean(dim=1))
+        label = probs.argmax(dim=-1)
+        prediction = Prediction(probs, label, guide_probs, guide_probs.argmax(dim=-1), y0)
+        if n_samples > 1:
+            prediction.uncertainty = 1 - (y0.argmax(dim=-1) == label.unsqueeze(1)).float().mean(dim=1)
+            prediction.spread = y0.std(dim=1)
+        if record_every:
+            prediction.trajectory = [(t, y.view(batch, n_samples, -1)) for t, y in trajectory]
+        return prediction
+
+
+def build_model(config: Config) -> DiffMIC:
+    return DiffMIC(config)
