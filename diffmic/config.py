@@ -138,6 +138,7 @@ class DataConfig(Section):
     num_classes: int = 10
     image_size: int = 64
     num_workers: int = 2
+    shuffle_buffer: int = 1000  # training samples each loader worker holds to shuffle across shards
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ImageNet statistics: the trunks expect them, pretrained or not.
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -148,6 +149,7 @@ class DataConfig(Section):
         _require(self.image_size >= CELL_SIZE and self.image_size % CELL_SIZE == 0, "image_size",
                  f"got {self.image_size}, expected a positive multiple of {CELL_SIZE}")
         _require(self.num_workers >= 0, "num_workers", f"got {self.num_workers}, expected >= 0")
+        _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"got {self.shuffle_buffer}, expected at least 1")
         for key in ("mean", "std"):
             _require(len(getattr(self, key)) == 3, key, "expected three values (R, G, B)")
         _require(all(s > 0 for s in self.std), "std", "every value must be positive")

@@ -7,6 +7,7 @@ import typer
 from .. import __version__
 from .common import app, run_command
 from . import model as _model  # noqa: F401  (registers model-summary)
+from . import data as _data  # noqa: F401
 
 
 def _version(value: bool) -> None:

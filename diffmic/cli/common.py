@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
+from ..data.manifest import ManifestError
+from ..data.sources import ShardError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +22,8 @@ class UserError(Exception):
 
 
 # Errors that mean "your input is wrong", not "diffmic is broken".
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
+                                                 ManifestError)
 
 
 def run_command(application: typer.Typer) -> None:

@@ -1,0 +1,253 @@
+"""The train and eval streams over a shard folder. Batches are dicts: image (B, 3, S, S) float32
+normalised, label (B,) int64, key (list of B sample keys).
+
+Train: every rank runs exactly `steps_per_epoch` full batches. Each (rank, worker) reads shards drawn
+with replacement (weighted by their sample counts) through a seeded shuffle buffer, so no rank ever runs
+dry and uneven shards cannot make ranks disagree on the epoch length (which would hang DDP). The stream is
+a pure function of (shards, config, batch size, seed, epoch, rank, world size, workers): batch g comes from
+logical worker g mod W, its augmentation from a generator seeded by g, so resuming at `start_batch=k`
+replays the same batches k.. and skips the earlier ones without decoding them.
+
+Eval: each rank reads a disjoint set of whole shards, each worker a disjoint subset of those, every sample
+once; no resampling, no padding, no collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import AugmentConfig, DataConfig
+from .images import augment_image, decode_image, preprocess_image
+from .manifest import Manifest, ManifestError, read_manifest, steps_per_epoch
+from .shardio import iter_shard_samples
+
+SAMPLE_STREAM, AUGMENT_STREAM = 0, 1
+
+
+def _generator(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(part) % 2**63 for part in parts])
+
+
+def _normaliser(data: DataConfig) -> Callable[[list[Image.Image]], torch.Tensor]:
+    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def normalise(images: list[Image.Image]) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images]))
+        return ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
+
+    return normalise
+
+
+def eval_transform(data: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, S, S) normalised tensor, exactly as the eval stream sees a sharded image: the
+    sharding preprocessing first (a no-op on images that already went through it)."""
+    normalise = _normaliser(data)
+    return lambda image: normalise([preprocess_image(image, data.image_size)])[0]
+
+
+def check_compatible(manifest: Manifest, data: DataConfig) -> None:
+    if manifest.image_size != data.image_size:
+        raise ManifestError(f"{manifest.path}: the shards hold {manifest.image_size}px images but data.image_size "
+                            f"is {data.image_size}; set data.image_size={manifest.image_size} or re-shard with "
+                            f"--size {data.image_size}")
+    if len(manifest.classes) != data.num_classes:
+        raise ManifestError(f"{manifest.path}: the shards have {len(manifest.classes)} classes but "
+                            f"data.num_classes is {data.num_classes}; set data.num_classes="
+                            f"{len(manifest.classes)} or point data.shards at the right folder")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything one epoch of one rank's training stream depends on (picklable for the workers)."""
+
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    image_format: str
+    batch_size: int
+    steps: int
+    start_batch: int
+    workers: int  # logical workers: 1 when loading in the main process
+    seed: int
+    epoch: int
+    rank: int
+    shuffle_buffer: int
+    augment: AugmentConfig
+
+
+def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
+    """Undecoded samples of shards drawn with replacement, through a shuffle buffer; endless."""
+    rng = _generator(plan.seed, plan.epoch, plan.rank, logical_worker, SAMPLE_STREAM)
+    weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
+    buffer: list[dict] = []
+    while True:
+        for sample in iter_shard_samples(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
+            if len(buffer) < plan.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            position = int(rng.integers(len(buffer)))
+            yield buffer[position]
+            buffer[position] = sample
+
+
+def augmented_batch(samples: list[dict], plan: TrainPlan, batch_index: int,
+                    normalise: Callable[[list[Image.Image]], torch.Tensor]) -> dict:
+    rng = _generator(plan.seed, plan.epoch, plan.rank, batch_index, AUGMENT_STREAM)
+    images = []
+    for sample in samples:
+        hflip, vflip, turn = rng.random(), rng.random(), rng.uniform(-1.0, 1.0)
+        images.append(augment_image(decode_image(sample[plan.image_format]),
+                                    hflip=plan.augment.hflip and hflip < 0.5,
+                                    vflip=plan.augment.vflip and vflip < 0.5,
+                                    angle=float(turn * plan.augment.rotation)))
+    return {"image": normalise(images), "label": torch.tensor([int(sample["cls"]) for sample in samples]),
+            "key": [sample["__key__"] for sample in samples]}
+
+
+def worker_train_batches(plan: TrainPlan, physical_worker: int, normalise) -> Iterator[dict]:
+    """The batches g >= start_batch with g mod W == this worker's logical id, in order. The DataLoader
+    asks its workers round-robin starting at worker 0, so physical worker p plays logical worker
+    (p + start_batch) mod W: its first batch is then exactly batch start_batch + p."""
+    logical = (physical_worker + plan.start_batch) % plan.workers
+    samples = shuffled_samples(plan, logical)
+    for batch_index in range(logical, plan.steps, plan.workers):
+        chosen = [next(samples) for _ in range(plan.batch_size)]
+        if batch_index >= plan.start_batch:  # earlier batches are drawn but never decoded
+            yield augmented_batch(chosen, plan, batch_index, normalise)
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, plan: TrainPlan, normalise):
+        self.plan, self.normalise = plan, normalise
+
+    def __iter__(self):
+        info = get_worker_info()
+        return worker_train_batches(self.plan, info.id if info else 0, self.normalise)
+
+
+class TrainLoader:
+    """One epoch of one rank. `len()` is steps_per_epoch; iterating yields batches start_batch.. of it."""
+
+    def __init__(self, plan: TrainPlan, num_workers: int, normalise):
+        self.plan, self.num_workers, self.normalise = plan, num_workers, normalise
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    @property
+    def batches_remaining(self) -> int:
+        return self.plan.steps - self.plan.start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            return worker_train_batches(self.plan, 0, self.normalise)
+        return iter(DataLoader(_TrainStream(self.plan, self.normalise), batch_size=None,
+                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available()))
+
+
+def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int | None = None, start_batch: int = 0) -> TrainLoader:
+    """The training stream of the train split for one epoch of one rank (see the module docstring)."""
+    _check_rank(rank, world_size)
+    manifest = read_manifest(shard_dir)
+    check_compatible(manifest, data)
+    info = manifest.split_info("train")
+    steps = steps_per_epoch(manifest, batch_size, world_size)
+    if not 0 <= start_batch <= steps:
+        raise ValueError(f"start_batch {start_batch} is not in 0..{steps} (steps per epoch)")
+    workers = data.num_workers if num_workers is None else num_workers
+    plan = TrainPlan(shards=tuple(str(path) for path in manifest.shard_paths("train")),
+                     counts=tuple(entry.count for entry in info.shards), image_format=manifest.image_format,
+                     batch_size=batch_size, steps=steps, start_batch=start_batch, workers=max(workers, 1),
+                     seed=seed, epoch=epoch, rank=rank, shuffle_buffer=data.shuffle_buffer,
+                     augment=data.augment)
+    return TrainLoader(plan, workers, _normaliser(data))
+
+
+def eval_batches(shards: list[str], image_format: str, batch_size: int, normalise) -> Iterator[dict]:
+    """Every sample of `shards` once, in order; the last batch may be partial."""
+    pending: list[dict] = []
+    for shard in shards:
+        for sample in iter_shard_samples(Path(shard)):
+            pending.append(sample)
+            if len(pending) == batch_size:
+                yield _eval_batch(pending, image_format, normalise)
+                pending = []
+    if pending:
+        yield _eval_batch(pending, image_format, normalise)
+
+
+def _eval_batch(samples: list[dict], image_format: str, normalise) -> dict:
+    return {"image": normalise([decode_image(sample[image_format]) for sample in samples]),
+            "label": torch.tensor([int(sample["cls"]) for sample in samples]),
+            "key": [sample["__key__"] for sample in samples]}
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, worker_shards: list[list[str]], image_format: str, batch_size: int, normalise):
+        self.worker_shards, self.image_format = worker_shards, image_format
+        self.batch_size, self.normalise = batch_size, normalise
+
+    def __iter__(self):
+        info = get_worker_info()
+        shards = self.worker_shards[info.id if info else 0]
+        return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
+
+
+class EvalLoader:
+    """One rank's share of a split; `len()` is the number of batches it yields (possibly 0)."""
+
+    def __init__(self, worker_shards: list[list[str]], worker_counts: list[int], image_format: str,
+                 batch_size: int, normalise, in_processes: bool):
+        self.worker_shards, self.worker_counts = worker_shards, worker_counts
+        self.image_format, self.batch_size, self.normalise = image_format, batch_size, normalise
+        self.num_workers = len(worker_shards) if in_processes else 0
+
+    def __len__(self) -> int:
+        return sum(math.ceil(count / self.batch_size) for count in self.worker_counts)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            shards = self.worker_shards[0] if self.worker_shards else []
+            return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
+        stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=torch.cuda.is_available()))
+
+
+def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                num_workers: int | None = None) -> EvalLoader:
+    """Every sample of `split` exactly once across all ranks and workers (see the module docstring).
+    Workers beyond this rank's shard count would get nothing to read, so they are not started."""
+    _check_rank(rank, world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    manifest = read_manifest(shard_dir)
+    check_compatible(manifest, data)
+    entries = manifest.split_info(split).shards[rank::world_size]
+    requested = data.num_workers if num_workers is None else num_workers
+    readers = max(requested, 1)  # 0 workers still means one reader: the main process
+    workers = min(readers, len(entries))
+    if len(entries) < readers:
+        warnings.warn(f"rank {rank} of {world_size} has {len(entries)} of the {split} split's "
+                      f"{len(manifest.split_info(split).shards)} shards for {readers} reader(s); "
+                      f"using {workers}. Re-shard with a smaller --shard-size to read in parallel", stacklevel=2)
+    folder = manifest.folder
+    worker_shards = [[str(folder / entry.file) for entry in entries[worker::workers]] for worker in range(workers)]
+    worker_counts = [sum(entry.count for entry in entries[worker::workers]) for worker in range(workers)]
+    return EvalLoader(worker_shards, worker_counts, manifest.image_format, batch_size, _normaliser(data),
+                      in_processes=requested > 0)

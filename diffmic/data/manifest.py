@@ -1,0 +1,155 @@
+"""`manifest.json`: what a shard folder holds. Every reader goes through `read_manifest`, so a missing,
+truncated or hand-edited manifest fails the same way everywhere, with the fix in the message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A shard folder is missing, unfinished or inconsistent; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # name inside the shard folder
+    count: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class SplitInfo:
+    count: int
+    class_counts: dict[str, int]  # class name -> samples, in class order
+    shards: list[ShardEntry]
+    keys: list[str]  # every sample key, in shard order
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    source: str  # the --dataset layout it was made from
+    classes: list[str]
+    image_size: int
+    image_format: str
+    preprocessing: dict
+    split: dict  # how the splits were made: seed, fractions, grouping, split file
+    splits: dict[str, SplitInfo]
+    rejected: int
+    tool: str
+    source_root: str
+    path: Path = field(default=Path(), compare=False)  # the manifest file itself
+    digest: str = field(default="", compare=False)  # sha256 of manifest.json's bytes
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def split_info(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ManifestError(f"{self.path} has no '{name}' split; available: {', '.join(self.splits)}. "
+                                f"Re-shard with a split of that name, or ask for one of those")
+        return self.splits[name]
+
+    def shard_paths(self, name: str) -> list[Path]:
+        return [self.folder / entry.file for entry in self.split_info(name).shards]
+
+    def to_json(self) -> str:
+        values = asdict(self)
+        del values["path"], values["digest"]
+        return json.dumps({"format": MANIFEST_FORMAT, **values}, indent=1) + "\n"
+
+
+def write_manifest(manifest: Manifest, folder: Path) -> Path:
+    path = folder / MANIFEST_NAME
+    path.write_text(manifest.to_json())
+    return path
+
+
+def _reshard_hint(folder: Path) -> str:
+    return f"run `diffmic shard --dataset <layout> --out {folder} --overwrite` to (re)create it"
+
+
+def read_manifest(shard_dir: str | Path) -> Manifest:
+    """Reads and checks `shard_dir/manifest.json` (or the manifest file itself)."""
+    path = Path(shard_dir)
+    if path.name != MANIFEST_NAME:
+        path = path / MANIFEST_NAME
+    folder = path.parent
+    if not folder.is_dir():
+        raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder)}")
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing, so {folder} is not a finished `diffmic shard` output "
+                            f"(an interrupted run leaves none): {_reshard_hint(folder)}")
+    raw = path.read_bytes()
+    try:
+        values = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}): {_reshard_hint(folder)}") from None
+    try:
+        manifest = _manifest_from_dict(values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ManifestError(f"{path} is damaged ({error}): {_reshard_hint(folder)}") from None
+    manifest.path, manifest.digest = path, hashlib.sha256(raw).hexdigest()
+    return manifest
+
+
+def _typed(values: dict, key: str, kind: type | tuple[type, ...]):
+    if key not in values:
+        raise KeyError(f"field '{key}' is missing")
+    value = values[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise TypeError(f"field '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _manifest_from_dict(values) -> Manifest:
+    if not isinstance(values, dict):
+        raise TypeError("the top level is not an object")
+    if values.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"format {values.get('format')!r} is not {MANIFEST_FORMAT}, the one this diffmic reads")
+    classes = _typed(values, "classes", list)
+    if len(classes) < 2 or not all(isinstance(name, str) for name in classes):
+        raise ValueError("'classes' must list at least two class names")
+    splits = {name: _split_from_dict(name, info, classes)
+              for name, info in _typed(values, "splits", dict).items()}
+    return Manifest(dataset=_typed(values, "dataset", str), source=_typed(values, "source", str),
+                    classes=classes, image_size=_typed(values, "image_size", int),
+                    image_format=_typed(values, "image_format", str),
+                    preprocessing=_typed(values, "preprocessing", dict), split=_typed(values, "split", dict),
+                    splits=splits, rejected=_typed(values, "rejected", int), tool=_typed(values, "tool", str),
+                    source_root=_typed(values, "source_root", str))
+
+
+def _split_from_dict(name: str, values, classes: list[str]) -> SplitInfo:
+    if not isinstance(values, dict):
+        raise TypeError(f"split '{name}' is not an object")
+    shards = [ShardEntry(file=_typed(entry, "file", str), count=_typed(entry, "count", int),
+                         sha256=_typed(entry, "sha256", str), bytes=_typed(entry, "bytes", int))
+              for entry in _typed(values, "shards", list)]
+    info = SplitInfo(count=_typed(values, "count", int), class_counts=_typed(values, "class_counts", dict),
+                     shards=shards, keys=_typed(values, "keys", list))
+    if list(info.class_counts) != classes:
+        raise ValueError(f"split '{name}': class_counts does not list the classes in order")
+    totals = {"shard counts": sum(entry.count for entry in shards), "keys": len(info.keys),
+              "class counts": sum(info.class_counts.values())}
+    for what, total in totals.items():
+        if total != info.count:
+            raise ValueError(f"split '{name}': {what} add up to {total}, not its count {info.count}")
+    return info
+
+
+def steps_per_epoch(manifest: Manifest, batch_size: int, world_size: int) -> int:
+    """Training batches per rank and epoch: one pass over the train split's worth of samples across
+    all ranks, the same on every rank (the stream resamples, so it never runs dry)."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+    return max(1, manifest.split_info("train").count // (batch_size * world_size))
