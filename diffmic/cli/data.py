@@ -70,9 +70,9 @@ def shard(
 def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic shard.")) -> None:
     """Re-read every shard: sha256, sizes, sample counts, keys, labels, and that every image decodes.
 
-    Exits 1 and names each problem when anything is wrong.
+    Names each problem and exits non-zero when anything is wrong.
     """
-    from ..data import read_manifest, verify_shards
+    from ..data import ManifestError, read_manifest, verify_shards
 
     manifest = read_manifest(shard_dir)
     with _progress_bar() as bar:
@@ -82,9 +82,8 @@ def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic 
     if problems:
         for problem in problems:
             error_console.print(f"[bold red]problem:[/] {problem}", highlight=False)
-        error_console.print(f"{len(problems)} problem(s) in {shard_dir}: re-create it with `diffmic shard ... "
+        raise ManifestError(f"{len(problems)} problem(s) in {shard_dir}: re-create it with `diffmic shard ... "
                             f"--out {shard_dir} --overwrite`")
-        raise typer.Exit(1)
     shards = sum(len(info.shards) for info in manifest.splits.values())
     samples = sum(info.count for info in manifest.splits.values())
     console.print(f"{shard_dir}: OK, {shards} shards and {samples} samples match the manifest "

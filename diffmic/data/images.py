@@ -57,6 +57,7 @@ def encode_image(image: Image.Image, image_format: str, quality: int) -> bytes:
 
 def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decode before the buffer closes; PIL opens lazily
         return to_rgb(image)
 
 
