@@ -1,0 +1,77 @@
+"""Shared pytest fixtures.
+
+Keep each fixture self-contained: several test modules (and developers) add fixtures here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+
+import pytest
+
+# --------------------------------------------------------------------------------------------
+# slurm_cluster: the local Slurm cluster that `.ci/slurm-cluster.sh up` starts.
+# --------------------------------------------------------------------------------------------
+
+_SLURM_USABLE_NODE_STATES = {"idle", "mixed", "allocated", "completing"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmClusterInfo:
+    """What a Slurm test needs to know about the running cluster."""
+
+    partition: str  # the default partition ("debug" on the CI cluster)
+    nodes: tuple[str, ...]  # nodes of that partition that can take jobs
+
+
+def _slurm_run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+
+def _slurm_cluster_probe() -> tuple[SlurmClusterInfo | None, str]:
+    """Returns (info, "") when jobs can run and be accounted for, else (None, reason)."""
+    if shutil.which("sinfo") is None:
+        return None, "sinfo not found: Slurm is not installed (run `bash .ci/slurm-cluster.sh up`)"
+    try:
+        ping = _slurm_run("scontrol", "ping")
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            lines = (ping.stdout + ping.stderr).strip().splitlines()
+            detail = lines[0] if lines else f"scontrol ping exit status {ping.returncode}"
+            return None, f"slurmctld not responding ({detail})"
+        sinfo = _slurm_run("sinfo", "-h", "-N", "-o", "%P %N %T")
+        sacct = _slurm_run("sacct", "-n", "-X", "-S", "now-1minutes")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"Slurm commands failed: {exc}"
+    if sinfo.returncode != 0:
+        return None, f"sinfo failed: {sinfo.stderr.strip()!r}"
+    partition, nodes = "", []
+    for line in sinfo.stdout.splitlines():
+        part, node, state = line.split()
+        if not part.endswith("*"):
+            continue
+        partition = part.rstrip("*")
+        # A suffix ("idle*": not responding, "idle~": powered off...) makes the node unusable.
+        if state in _SLURM_USABLE_NODE_STATES:
+            nodes.append(node)
+    if not partition:
+        return None, f"no default partition in sinfo output {sinfo.stdout!r}"
+    if not nodes:
+        return None, f"no usable node in partition {partition!r}: {sinfo.stdout.strip()!r}"
+    if sacct.returncode != 0:
+        return None, f"accounting not working (sacct: {sacct.stderr.strip()!r})"
+    return SlurmClusterInfo(partition=partition, nodes=tuple(sorted(set(nodes)))), ""
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmClusterInfo:
+    """A usable local Slurm cluster with accounting, or skip (fail under CI=true)."""
+    info, reason = _slurm_cluster_probe()
+    if info is None:
+        message = f"Slurm cluster unavailable: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with .ci/slurm-cluster.sh up)")
+        pytest.skip(message)
+    return info
