@@ -38,12 +38,20 @@ def _generator(*parts: int) -> np.random.Generator:
 
 
 def _normaliser(data: DataConfig) -> Callable[[list[Image.Image]], torch.Tensor]:
-    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, dtype=torch.float32).view(1, 3, 1, 1)
+    """uint8 RGB images -> (B, 3, S, S) float32 (x / 255 - mean) / std. Written for speed (it is a
+    third of a worker's time): one copy into a preallocated array, one converting permute, one
+    multiply-add on channel planes."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in data.std], dtype=torch.float32).view(1, 3, 1, 1)
+    offset = torch.tensor([-m / s for m, s in zip(data.mean, data.std)], dtype=torch.float32).view(1, 3, 1, 1)
 
     def normalise(images: list[Image.Image]) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images]))
-        return ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
+        width, height = images[0].size
+        pixels = np.empty((len(images), height, width, 3), dtype=np.uint8)
+        for index, image in enumerate(images):
+            pixels[index] = image
+        batch = torch.empty((len(images), 3, height, width), dtype=torch.float32)
+        batch.copy_(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        return batch.mul_(scale).add_(offset)
 
     return normalise
 

@@ -14,6 +14,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .manifest import ShardEntry
 
@@ -85,17 +86,59 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension
 
 
+def _octal(field: bytes) -> int:
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a PAX extended header ("<length> path=<name>\n" records)."""
+    for record in data.decode("utf-8").splitlines():
+        _, _, assignment = record.partition(" ")
+        key, _, value = assignment.partition("=")
+        if key == "path":
+            return value
+    return None
+
+
+def iter_tar_files(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file in an uncompressed tar stream. A small reader of its own:
+    `tarfile` spends most of the training stream's time parsing headers, and the shuffle buffer reads
+    every sample of a shard. Checks each header's checksum, so corruption cannot pass as a name."""
+    long_name = None
+    while True:
+        header = handle.read(512)
+        if not header.strip(b"\0"):
+            return  # end-of-archive blocks (or a clean end of file)
+        if len(header) < 512:
+            raise ValueError("the file ends inside a tar header")
+        if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ValueError("a tar header fails its checksum")
+        size, kind = _octal(header[124:136]), header[156:157]
+        content = handle.read(size)
+        if len(content) < size:
+            raise ValueError("the file ends inside a member")
+        handle.read(-size % 512)
+        if kind == b"x":
+            long_name = _pax_path(content)
+        elif kind in (b"0", b"\0"):
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            yield long_name or (f"{prefix}/{name}" if prefix else name), content
+            long_name = None
+        elif kind != b"g":  # folders, links and global headers carry no sample data
+            long_name = None
+
+
 def iter_shard_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
     """Yields each sample as {'__key__': key, extension: bytes, ...}. Raises ValueError naming the
     shard when it is not a readable tar of consecutive <key>.<ext> members."""
     sample: dict = {}
     seen: set[str] = set()
     try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, extension = split_member_name(member.name)
+        with open(path, "rb", buffering=1 << 20) as handle:
+            for name, content in iter_tar_files(handle):
+                key, extension = split_member_name(name)
                 if sample and key != sample["__key__"]:
                     yield sample
                     sample = {}
@@ -104,8 +147,8 @@ def iter_shard_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
                         raise ValueError(f"key {key!r} appears twice")
                     seen.add(key)
                     sample = {"__key__": key}
-                sample[extension] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as error:
+                sample[extension] = content
+    except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not a readable tar shard ({error})") from None
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None

@@ -1,0 +1,151 @@
+"""Training-stream throughput: diffmic shards versus decoding and resizing the raw files every time.
+
+Generates HAM10000-sized JPEGs (600x450) and APTOS-sized PNGs (2000x1500) in a temporary folder, shards
+them with `diffmic shard`, then measures images per second of
+  - shards: `diffmic.data.train_loader` (decode a 224 px JPEG, augment, normalise), and
+  - raw:    a DataLoader over the original files (PIL decode, centre crop, resize to 224, augment, normalise),
+with the same batch size, loader workers and augmentation. About a minute on 2 cores.
+
+    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from diffmic.config import AugmentConfig, DataConfig
+from diffmic.data import ShardOptions, shard_dataset, train_loader
+from diffmic.data.images import augment_image, preprocess_image
+
+BATCH_SIZE = 32
+MEASURE_SECONDS = 3.0
+
+
+@functools.lru_cache(maxsize=2)
+def _disc_and_noise(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.ogrid[0:height, 0:width]
+    radius = np.hypot(x - width / 2, y - height / 2) / (min(width, height) / 2)
+    noise = np.random.default_rng(0).integers(-3, 4, size=(height, width, 3), dtype=np.int16)
+    return np.clip(1.1 - radius, 0, 1).astype(np.float32)[..., None], noise
+
+
+def synthetic_photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A lit disc on a dark background with fine noise: compresses like a real medical photograph,
+    neither like a flat colour nor like pure noise. Each seed tints it and shifts the noise."""
+    disc, noise = _disc_and_noise(width, height)
+    rng = np.random.default_rng(seed)
+    tinted = (disc * rng.uniform(120, 220, size=3).astype(np.float32)).astype(np.int16)
+    return np.clip(tinted + np.roll(noise, int(rng.integers(height)), axis=0), 0, 255).astype(np.uint8)
+
+
+def write_image(job: tuple[Path, int, int, int]) -> Path:
+    path, width, height, seed = job
+    image = Image.fromarray(synthetic_photo(width, height, seed))
+    # zlib level 1 only makes generating fast; decoding a PNG costs about the same at any level
+    image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path, compress_level=1)
+    return path
+
+
+def make_folder(root: Path, count: int, width: int, height: int, suffix: str, workers: int) -> list[Path]:
+    """An imagefolder layout with two classes."""
+    jobs = []
+    for index in range(count):
+        folder = root / f"class_{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"img_{index:04d}{suffix}", width, height, index))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(write_image, jobs)
+
+
+class RawFiles(Dataset):
+    """The baseline: every epoch opens the original file and redoes the preprocessing."""
+
+    def __init__(self, paths: list[Path], data: DataConfig):
+        self.paths, self.data = paths, data
+        self.mean = torch.tensor(data.mean).view(3, 1, 1)
+        self.std = torch.tensor(data.std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        draw = random.Random(index)
+        with Image.open(self.paths[index]) as opened:
+            image = preprocess_image(opened, self.data.image_size)
+        image = augment_image(image, draw.random() < 0.5, False, draw.uniform(-30, 30))
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+        return (pixels - self.mean) / self.std, index % 2
+
+
+def raw_images_per_second(paths: list[Path], data: DataConfig) -> float:
+    loader = DataLoader(RawFiles(paths, data), batch_size=BATCH_SIZE, shuffle=True, num_workers=data.num_workers,
+                        drop_last=True)
+    return measure(lambda epoch: loader)
+
+
+def shard_images_per_second(shards: Path, data: DataConfig) -> float:
+    return measure(lambda epoch: train_loader(shards, data, BATCH_SIZE, seed=0, epoch=epoch))
+
+
+def measure(epoch_loader) -> float:
+    """Images per second over whole epochs (worker start-up included, as in training), at least
+    MEASURE_SECONDS of them."""
+    images, start, epoch = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < MEASURE_SECONDS:
+        for batch in epoch_loader(epoch):
+            images += len(batch[1] if isinstance(batch, list) else batch["label"])
+        epoch += 1
+    return images / (time.perf_counter() - start)
+
+
+def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix: str, workers: int) -> dict:
+    started = time.perf_counter()
+    paths = make_folder(root / name / "raw", count, width, height, suffix, workers)
+    generated = time.perf_counter() - started
+    raw_mb = sum(path.stat().st_size for path in paths) / 2**20
+    started = time.perf_counter()
+    manifest = shard_dataset(ShardOptions(dataset="imagefolder", root=root / name / "raw", out=root / name / "shards",
+                                          test_fraction=0.1, val_fraction=0.0, workers=workers))
+    sharded = time.perf_counter() - started
+    data = DataConfig(dataset=name, num_classes=2, image_size=224, num_workers=workers,
+                      augment=AugmentConfig(hflip=True, vflip=False, rotation=30.0))
+    train_paths = [path for path in paths if f"class_{int(path.stem[4:]) % 2}__{path.stem}"
+                   in set(manifest.splits["train"].keys)]
+    raw = raw_images_per_second(train_paths, data)
+    shards = shard_images_per_second(manifest.folder, data)
+    shard_mb = sum(entry.bytes for info in manifest.splits.values() for entry in info.shards) / 2**20
+    return {"name": name, "images": count, "size": f"{width}x{height}{suffix}", "raw_mb": raw_mb,
+            "shard_mb": shard_mb, "generate_s": generated, "shard_s": sharded, "raw": raw, "shards": shards}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ham", type=int, default=768, help="HAM10000-sized JPEGs to generate")
+    parser.add_argument("--aptos", type=int, default=40, help="APTOS-sized PNGs to generate")
+    parser.add_argument("--workers", type=int, default=2, help="loader and encoding processes")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="diffmic-bench-") as folder:
+        rows = [benchmark("ham10000-like", Path(folder), args.ham, 600, 450, ".jpg", args.workers),
+                benchmark("aptos2019-like", Path(folder), args.aptos, 2000, 1500, ".png", args.workers)]
+    print(f"training stream, batch {BATCH_SIZE}, {args.workers} loader workers, 224 px, hflip + rotation:")
+    print(f"{'dataset':<16}{'images':>7}  {'source':<14}{'raw MB':>8}{'shard MB':>9}{'gen s':>7}{'shard s':>8}"
+          f"{'raw img/s':>11}{'shard img/s':>13}{'speed-up':>10}")
+    for row in rows:
+        print(f"{row['name']:<16}{row['images']:>7}  {row['size']:<14}{row['raw_mb']:>8.1f}{row['shard_mb']:>9.1f}"
+              f"{row['generate_s']:>7.1f}{row['shard_s']:>8.1f}{row['raw']:>11.1f}{row['shards']:>13.1f}{row['shards'] / row['raw']:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()
