@@ -133,11 +133,11 @@ class AugmentConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    dataset: str = "digits"
+    dataset: str = "ham10000"
     shards: str = ""  # folder made by `diffmic shard`; empty means shards/<dataset>
-    num_classes: int = 10
-    image_size: int = 64
-    num_workers: int = 2
+    num_classes: int = 7
+    image_size: int = 224
+    num_workers: int = 4
     shuffle_buffer: int = 1000  # training samples each loader worker holds to shuffle across shards
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ImageNet statistics: the trunks expect them, pretrained or not.

@@ -54,7 +54,7 @@ def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, sampl
     deterministic = sampler == "ddim"
 
     y = prior + draw(0)
-    trajectory = [(int(chain.timesteps[-1]) + 1, y)] if record_every else []
+    trajectory = [(int(chain.timesteps[-1]), y)] if record_every else []
     for step, index in enumerate(range(length - 1, -1, -1), start=1):
         t = timesteps[index].expand(rows)
         eps_hat = denoise(y, t)
@@ -70,5 +70,6 @@ def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, sampl
                     + coefficients["g2"][index] * prior)
             y = mean + coefficients["beta_tilde"][index].sqrt() * draw(step)
         if record_every and (step % record_every == 0 or index == 0):
-            trajectory.append((int(chain.timesteps[index]), y))
+            # The new state sits at the previous position's time; after position 0 it is y_0.
+            trajectory.append((int(chain.timesteps[index - 1]) if index else 0, y))
     return y, trajectory

@@ -1,8 +1,9 @@
 """The CARD-style noise schedule with a prior mean: buffers and closed forms, no network.
 
 q(y_t | y_0, p) = N(sqrt(abar_t) y_0 + (1 - sqrt(abar_t)) p, (1 - abar_t) I), where p is the prior
-(the guidance model's class probabilities). Arrays are indexed 0..S-1 like the authors' code: index
-0 is the last reverse step, which returns y0_hat without noise.
+(the guidance model's class probabilities). Diffusion time t runs over 0..T with t = 0 the clean
+label; the arrays hold steps t = 1..T at positions 0..T-1 (the authors' code passes the position to
+the denoiser, we pass t: the same network up to relabelling of its timestep embedding's T + 1 rows).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 class NoiseSchedule:
     """Per-step coefficients of a (possibly respaced) chain, float64 on the CPU.
 
-    `timesteps[i]` is the training timestep the denoiser sees at schedule index i; for the full
-    schedule it is i itself, for a respaced one the original step that index stands for.
+    `timesteps[i]` is the diffusion time (1..T of the training chain) of position i, which the
+    denoiser sees; for the full schedule it is i + 1, for a respaced one the step it stands for.
     """
 
     betas: torch.Tensor
@@ -34,7 +35,7 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
         betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-        return cls(betas, torch.arange(timesteps))
+        return cls(betas, torch.arange(1, timesteps + 1))
 
     def respaced(self, steps: int) -> "NoiseSchedule":
         """`steps` indices spread evenly over the whole chain, with betas recomputed so that the
@@ -82,24 +83,24 @@ class NoiseSchedule:
         }
 
     # --- forward process ----------------------------------------------------------------------
-    def q_sample(self, y0: torch.Tensor, prior: torch.Tensor, index: torch.Tensor,
+    def q_sample(self, y0: torch.Tensor, prior: torch.Tensor, t: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
-        """y_t for each row at schedule index `index` (B,), with the given Gaussian noise."""
+        """y_t for each row at step `t` (B,) in 0..len (0 returns y0), with the given Gaussian noise."""
         sqrt_abar, sqrt_one_minus = self._forward_coefficients(y0.device, y0.dtype)
-        sqrt_abar, sqrt_one_minus = sqrt_abar[index].unsqueeze(-1), sqrt_one_minus[index].unsqueeze(-1)
+        sqrt_abar, sqrt_one_minus = sqrt_abar[t].unsqueeze(-1), sqrt_one_minus[t].unsqueeze(-1)
         return sqrt_abar * y0 + (1 - sqrt_abar) * prior + sqrt_one_minus * noise
 
     def _forward_coefficients(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Copied to each device once: the training step must not upload them every call.
         key = (str(device), dtype)
         if key not in self._on_device:
-            abar = self.alphas_cumprod
+            abar = torch.cat([torch.ones(1, dtype=self.betas.dtype), self.alphas_cumprod])  # t = 0 is clean
             self._on_device[key] = (abar.sqrt().to(device, dtype), (1 - abar).sqrt().to(device, dtype))
         return self._on_device[key]
 
 
 def antithetic_timesteps(batch_size: int, timesteps: int, device: torch.device | str = "cpu",
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """One t per sample, drawn in antithetic pairs (t, T-1-t) to lower the loss's variance."""
-    half = torch.randint(0, timesteps, (batch_size // 2 + 1,), generator=generator, device=device)
-    return torch.cat([half, timesteps - 1 - half])[:batch_size]
+    """One t in 1..T per sample, drawn in antithetic pairs (t, T + 1 - t) to lower the loss's variance."""
+    half = torch.randint(1, timesteps + 1, (batch_size // 2 + 1,), generator=generator, device=device)
+    return torch.cat([half, timesteps + 1 - half])[:batch_size]

@@ -27,7 +27,10 @@ def load_local_weights(module: nn.Module, path: str | Path, arch: str) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ: weights of another architecture
+        raise PretrainedWeightsError(f"{path} does not hold {arch} weights: {str(error).splitlines()[1:2]}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise PretrainedWeightsError(

@@ -138,13 +138,12 @@ class DiffMIC(nn.Module):
         `full`; the MSE alone for `c1` and `c2`. One t per sample (antithetic), one eps for all branches."""
         priors = self.frozen_priors(images)
         y0 = F.one_hot(labels, self.num_classes).float()
-        index = antithetic_timesteps(y0.shape[0], len(self.schedule), device=y0.device)
+        t = antithetic_timesteps(y0.shape[0], len(self.schedule), device=y0.device)
         eps = torch.randn_like(y0)
-        t = self.schedule.timesteps.to(y0.device)[index]
         features = self.denoiser.encode(images)  # once for all branches
 
         def eps_hat(prior: torch.Tensor) -> torch.Tensor:
-            y_t = self.schedule.q_sample(y0, prior, index, eps)
+            y_t = self.schedule.q_sample(y0, prior, t, eps)
             return self.denoiser(features, y_t, prior, t).float()
 
         losses = {"mse": F.mse_loss(eps_hat(priors["fused"]), eps)}

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from diffmic.config import (Config, ConfigError, DCGConfig, config_from_dict, config_reference, dump_config,
+                            load_config)
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.name))
+def test_every_shipped_config_loads_and_round_trips(path):
+    config = load_config(path)
+    assert config_from_dict(__import__("yaml").safe_load(dump_config(config))) == config
+
+
+def test_paper_configs_carry_the_papers_settings():
+    ham, aptos, pmg = (load_config(f"configs/{name}.yaml") for name in ("ham10000", "aptos2019", "pmg2000"))
+    assert (ham.data.num_classes, aptos.data.num_classes, pmg.data.num_classes) == (7, 5, 4)
+    assert (ham.eval.steps, aptos.eval.steps, pmg.eval.steps) == (250, 60, 100)
+    assert (ham.train.batch_size, aptos.train.batch_size) == (64, 32)
+    assert aptos.data.augment.vflip and not ham.data.augment.vflip
+    for config in (ham, aptos, pmg):
+        assert config.data.image_size == 224
+        assert config.model.dcg.k == 6 and config.model.dcg.backbone == "resnet50"
+        assert config.model.denoiser.feature_dim == 6144
+        assert config.diffusion.mmd_weight == 0.5 and config.diffusion.timesteps == 1000
+        assert (config.train.lr, config.train.dcg_lr, config.train.ema_rate) == (1e-3, 2e-4, 0.9999)
+
+
+def test_dotted_overrides_keep_their_types():
+    config = load_config("configs/ham10000.yaml", ["model.dcg.k=4", "train.mixed_precision=fp16",
+                                                   "model.dcg.top_t=0.5", "train.ema=false"])
+    assert config.model.dcg.k == 4 and config.model.dcg.top_t == 0.5
+    assert config.train.mixed_precision == "fp16" and config.train.ema is False
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dcg.k=0", "model.dcg.k"),
+    ("model.dcg.k=many", "model.dcg.k"),
+    ("model.dcg.crop_channels=red", "model.dcg.crop_channels"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.image_size=100", "data.image_size"),
+    ("model.variant=c3", "model.variant"),
+    ("train.lr=-1", "train.lr"),
+    ("model.dcg.kk=3", "model.dcg.kk"),
+    ("eval.steps=5000", "eval.steps"),
+])
+def test_invalid_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/ham10000.yaml", [override])
+    assert error.value.key == key
+    assert f"'{key}'" in str(error.value)
+
+
+def test_k_larger_than_the_number_of_map_cells_is_a_config_error():
+    # A 64 px input gives a 2x2 saliency map: at most 4 tiles.
+    with pytest.raises(ConfigError, match="only 4 cells") as error:
+        config_from_dict({"data": {"image_size": 64}, "model": {"dcg": {"k": 5}}})
+    assert error.value.key == "model.dcg.k"
+
+
+def test_direct_construction_is_validated_too():
+    with pytest.raises(ConfigError, match="'top_t'"):
+        DCGConfig(top_t=0.0)
+
+
+def test_missing_file_is_reported_with_its_path(tmp_path):
+    with pytest.raises(ConfigError, match="nothing.yaml does not exist"):
+        load_config(tmp_path / "nothing.yaml")
+
+
+def test_reference_lists_every_leaf_key_with_its_default():
+    rows = {key: default for key, _, default in config_reference()}
+    assert rows["model.dcg.k"] == 6 and rows["train.mixed_precision"] == "bf16"
+    assert "model.dcg" not in rows and len(rows) > 40
+    assert Config().data.num_classes == rows["data.num_classes"]
