@@ -313,3 +313,25 @@ def test_sixteen_bit_and_palette_images_become_rgb(tmp_path):
         # 40000 of 65535 is about 156 of 255; a plain conversion would clip it to 255
         assert image.mode == "RGB" and abs(int(np.asarray(image)[5, 5, 0]) - round(40000 / 257)) <= 2
     assert set(samples) == {"a__rgb", "a__deep", "b__other", "b__palette"}
+
+
+def test_authors_pkl_lists_split_the_isic_layout(tmp_path):
+    truth = isic_layout(tmp_path / "isic")
+    keys = sorted(truth)
+    lists = {"train": [], "test": []}
+    for index, key in enumerate(keys):
+        # paths from the authors' machine: found again by file name
+        lists["test" if index % 3 == 0 else "train"].append(
+            {"img_root": f"/data/isic/ISIC2018_Task3_Training_Input/{key}.jpg", "label": truth[key]})
+    for split, entries in lists.items():
+        (tmp_path / f"isic2018_{split}.pkl").write_bytes(pickle.dumps(entries))
+    manifest = shard(tmp_path, "ham10000", tmp_path / "isic",
+                     split_from=[tmp_path / "isic2018_train.pkl", tmp_path / "isic2018_test.pkl"])
+    assert manifest.split["given_by"] == [str(tmp_path / "isic2018_train.pkl"), str(tmp_path / "isic2018_test.pkl")]
+    assert set(manifest.splits["test"].keys) == {key for key in keys[::3]}
+    assert manifest.splits["val"].count > 0 and labels_by_key(manifest) == truth
+
+
+def test_digits_take_no_root():
+    with pytest.raises(ShardError, match="--root does not apply to digits"):
+        ShardOptions(dataset="digits", root=Path("data/digits"))

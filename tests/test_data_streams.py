@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -15,8 +16,8 @@ from PIL import Image
 from data_fixtures import medmnist_npz
 from diffmic.config import AugmentConfig, DataConfig
 from diffmic.data import (ManifestError, ShardOptions, eval_loader, eval_transform, preprocess_image, read_manifest,
-                          shard_dataset, steps_per_epoch, train_loader)
-from diffmic.data.shardio import iter_shard_samples
+                          shard_dataset, steps_per_epoch, train_loader, verify_shards)
+from diffmic.data.shardio import SplitShardWriter, iter_shard_samples
 
 CLASSES = 4
 
@@ -202,3 +203,34 @@ def test_manifest_records_what_the_evaluator_checks(shards):
     test = manifest.splits["test"]
     assert test.count == 17 and len(test.keys) == 17 and test.class_counts == {"0": 5, "1": 4, "2": 4, "3": 4}
     assert {"file", "count", "sha256", "bytes"} <= set(vars(test.shards[0]))
+
+
+def test_verify_finds_a_damaged_tar_header_and_readers_refuse_it(shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    assert verify_shards(copy) == []
+    shard = copy / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x20  # inside the first member's name
+    shard.write_bytes(bytes(data))
+    problems = verify_shards(copy)
+    assert any("val-000000.tar: sha256 differs" in problem for problem in problems)
+    assert any("val-000000.tar: unreadable after 0 samples" in problem and "checksum" in problem
+               for problem in problems)
+    with pytest.raises(ValueError, match="val-000000.tar: a tar header fails its checksum"):
+        list(iter_shard_samples(shard))
+
+
+def test_long_keys_survive_the_round_trip(tmp_path):
+    import webdataset
+
+    key = "very_deep_folder__" * 12 + "image"
+    writer = SplitShardWriter(tmp_path, "test", shard_size=10)
+    writer.add(key, {"cls": b"1", "jpg": b"\xff\xd8 not really a jpeg"})
+    writer.add("short", {"cls": b"0", "jpg": b"x"})
+    (entry,) = writer.finish()
+    assert len(key) > 100 and entry.count == 2
+    ours = list(iter_shard_samples(tmp_path / entry.file))
+    theirs = list(webdataset.WebDataset([str(tmp_path / entry.file)], shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [key, "short"]
+    assert ours[0]["jpg"] == theirs[0]["jpg"] == b"\xff\xd8 not really a jpeg"

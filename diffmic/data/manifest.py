@@ -74,8 +74,9 @@ def write_manifest(manifest: Manifest, folder: Path) -> Path:
     return path
 
 
-def _reshard_hint(folder: Path) -> str:
-    return f"run `diffmic shard --dataset <layout> --out {folder} --overwrite` to (re)create it"
+def _reshard_hint(folder: Path, exists: bool = True) -> str:
+    return f"run `diffmic shard --dataset <layout> --out {folder}{' --overwrite' if exists else ''}` to " \
+           f"{'re-create' if exists else 'create'} it"
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:
@@ -85,7 +86,7 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         path = path / MANIFEST_NAME
     folder = path.parent
     if not folder.is_dir():
-        raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder)}")
+        raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder, exists=False)}")
     if not path.is_file():
         raise ManifestError(f"{path} is missing, so {folder} is not a finished `diffmic shard` output "
                             f"(an interrupted run leaves none): {_reshard_hint(folder)}")

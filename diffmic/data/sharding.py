@@ -69,6 +69,8 @@ class ShardOptions:
             raise ShardError(f"unknown dataset layout {self.dataset!r}; choose one of {', '.join(SOURCES)}")
         self.name = self.name or (Path(self.out).name if self.out else self.dataset)
         self.out = Path(self.out) if self.out else Path("shards") / self.name
+        if self.dataset == "digits" and self.root is not None:
+            raise ShardError("--root does not apply to digits: they ship with scikit-learn")
         if self.dataset != "digits":
             self.root = Path(self.root) if self.root else Path("data") / self.name
         self.size = self.size or (64 if self.dataset == "digits" else 224)
