@@ -119,6 +119,7 @@ def test_pkl_lists_give_the_split_and_resolve_foreign_paths(tmp_path):
     assert labels_by_key(manifest) == {key: label for key, (label, _) in truth.items()}
     assert set(manifest.splits["test"].keys) == {key for key, (_, split) in truth.items() if split == "test"}
     assert manifest.splits["val"].count > 0  # carved from the train list
+    assert manifest.split["test_fraction"] is None and manifest.split["val_fraction"] == 0.1
     assert set(manifest.splits["train"].keys) | set(manifest.splits["val"].keys) == {
         key for key, (_, split) in truth.items() if split == "train"}
 
@@ -128,6 +129,7 @@ def test_medmnist_npz_keeps_its_splits(tmp_path):
     manifest = shard(tmp_path, "medmnist", tmp_path / "m")
     assert manifest.classes == ["0", "1", "2", "3"]
     assert {name: info.count for name, info in manifest.splits.items()} == {"train": 40, "val": 8, "test": 17}
+    assert manifest.split["test_fraction"] is None and manifest.split["given_by"] == ["medmnist"]
     for split in manifest.splits:
         for sample in samples_of(manifest, split):
             index = int(sample["__key__"].split("_")[1])

@@ -32,7 +32,8 @@ def shard(
     shard_size: int = typer.Option(256, "--shard-size", help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Seed of the splits and the sample order."),
     test_fraction: float = typer.Option(None, "--test-fraction",
-                                        help="Test share. Default 0.3 (HAM10000, APTOS, digits), else 0.2."),
+                                        help="Test share. Default 0.3 (HAM10000, APTOS, digits), else 0.2. "
+                                             "Unused when the source or --split-from gives a test split."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Validation share carved from train; 0: none."),
     group: bool = typer.Option(True, "--group/--no-group", help="Keep each lesion in one split (HAM10000 "
                                                                 "metadata); --no-group: the authors' image split."),
@@ -96,7 +97,7 @@ def info(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic sh
     from ..data import read_manifest
 
     manifest = read_manifest(shard_dir)
-    split = manifest.split
+    split = {key: "given" if value is None else value for key, value in manifest.split.items()}
     console.print(f"{manifest.dataset} ({manifest.source} layout, {manifest.tool}): {manifest.image_size}px "
                   f"{manifest.image_format}, seed {split.get('seed')}, test fraction {split.get('test_fraction')}, "
                   f"val fraction {split.get('val_fraction')}, grouped by lesion: {split.get('grouped_by_lesion')}, "

@@ -232,7 +232,7 @@ def write_rejected(path: Path, problems: list[Problem]) -> None:
 
 def build_manifest(options: ShardOptions, source: SourceData, splits: dict[str, list[Record]],
                    infos: dict[str, SplitInfo], rejected: int) -> Manifest:
-    given = any(record.split for records in splits.values() for record in records)
+    given = {record.split for records in splits.values() for record in records if record.split}  # fixed splits
     grouped = options.grouped and any(record.group for records in splits.values() for record in records)
     for name, info in infos.items():
         if info.count == 0:
@@ -242,7 +242,8 @@ def build_manifest(options: ShardOptions, source: SourceData, splits: dict[str, 
         image_format=options.image_format,
         preprocessing={"crop": "centre square", "resize": "bicubic", "color": "RGB",
                        "quality": options.quality if options.image_format == "jpg" else None},
-        split={"seed": options.seed, "test_fraction": options.test_fraction, "val_fraction": options.val_fraction,
+        split={"seed": options.seed, "test_fraction": None if "test" in given else options.test_fraction,
+               "val_fraction": None if "val" in given else options.val_fraction,
                "grouped_by_lesion": grouped, "given_by": [str(path) for path in options.split_from]
                or ([options.dataset] if given else [])},
         splits=infos, rejected=rejected, tool=f"diffmic {__version__}",
