@@ -10,6 +10,7 @@ from rich.console import Console
 from ..config import ConfigError
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
+from ..models.backbones import PretrainedWeightsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,12 +24,15 @@ class UserError(Exception):
 
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
-                                                 ManifestError)
+                                                 ManifestError, PretrainedWeightsError)
 
 
 def run_command(application: typer.Typer) -> None:
     try:
-        application(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of `raise typer.Exit(code)`.
+        code = application(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except USER_ERRORS as error:
         error_console.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
