@@ -33,6 +33,10 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail)
 
 
+class PretrainedWeightsError(ValueError):
+    """A pretrained-weights file named in the config is missing or holds another architecture."""
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)

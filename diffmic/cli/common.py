@@ -7,10 +7,9 @@ import sys
 import typer
 from rich.console import Console
 
-from ..config import ConfigError
+from ..config import ConfigError, PretrainedWeightsError
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
-from ..models.backbones import PretrainedWeightsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,11 +8,9 @@ import torch
 from torch import nn
 from torchvision import models
 
+from ..config import PretrainedWeightsError
+
 TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
-
-
-class PretrainedWeightsError(ValueError):
-    """A pretrained-weights file is missing or does not fit the requested architecture."""
 
 
 def load_local_weights(module: nn.Module, path: str | Path, arch: str) -> None:
