@@ -33,10 +33,6 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail)
 
 
-class PretrainedWeightsError(ValueError):
-    """A pretrained-weights file named in the config is missing or holds another architecture."""
-
-
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
@@ -211,6 +207,9 @@ class DiffusionConfig(Section):
     # The fused prior p: softmax of the fused logits (the authors' code) or the mean of the two
     # streams' softmaxes (the paper's p_T). Used for training and sampling alike.
     fused_prior: Literal["softmax_fused", "mean_softmax"] = "softmax_fused"
+    # (t, eps) pairs drawn per image in a training step (the authors: 1). More draws reuse the image
+    # encoder and DCG outputs to train the cheap denoiser MLP harder: useful when the encoder dominates.
+    noise_draws: int = 1
 
     def validate(self) -> None:
         _require(self.timesteps >= 2, "timesteps", f"got {self.timesteps}, expected at least 2")
@@ -218,6 +217,7 @@ class DiffusionConfig(Section):
         _require(self.beta_start <= self.beta_end < 1, "beta_end",
                  f"got {self.beta_end}, expected in [beta_start, 1)")
         _require(self.mmd_weight >= 0, "mmd_weight", f"got {self.mmd_weight}, expected >= 0")
+        _require(self.noise_draws >= 1, "noise_draws", f"got {self.noise_draws}, expected at least 1")
 
 
 @dataclass

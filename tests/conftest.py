@@ -75,3 +75,8 @@ def slurm_cluster() -> SlurmClusterInfo:
             pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with .ci/slurm-cluster.sh up)")
         pytest.skip(message)
     return info
+
+
+# Session fixtures shared by the engine, evaluation and Slurm tests (defined once, here, so a session
+# trains the tiny run and shards digits only once).
+from engine_helpers import digits_shards, tiny_run  # noqa: E402,F401

@@ -6,7 +6,8 @@ from torchvision import models
 
 from diffmic.config import config_from_dict, load_config
 from diffmic.models import DCG, Denoiser, DiffMIC, crop_tiles, select_roi_cells, top_t_pool
-from diffmic.models.backbones import PretrainedWeightsError, ResNetTrunk
+from diffmic.errors import PretrainedWeightsError
+from diffmic.models.backbones import ResNetTrunk
 
 SMALL = {"data": {"num_classes": 3, "image_size": 64},
          "model": {"dcg": {"backbone": "resnet18", "local_backbone": "resnet18", "k": 3},

@@ -7,13 +7,16 @@ import sys
 import typer
 from rich.console import Console
 
-from ..config import ConfigError, PretrainedWeightsError
+from ..config import ConfigError
+from ..errors import CheckpointError, PretrainedWeightsError
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
+CONFIG_OPTION = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. configs/ham10000.yaml.")
+SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
 error_console = Console(stderr=True)
 
 
@@ -23,7 +26,7 @@ class UserError(Exception):
 
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
-                                                 ManifestError, PretrainedWeightsError)
+                                                 ManifestError, PretrainedWeightsError, CheckpointError)
 
 
 def run_command(application: typer.Typer) -> None:

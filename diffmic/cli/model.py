@@ -7,10 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import app, console
-
-CONFIG_OPTION = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. configs/ham10000.yaml.")
-SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
+from .common import CONFIG_OPTION, SET_OPTION, app, console
 
 
 @app.command("model-summary")

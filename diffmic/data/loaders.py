@@ -74,6 +74,13 @@ def check_compatible(manifest: Manifest, data: DataConfig) -> None:
                             f"{len(manifest.classes)} or point data.shards at the right folder")
 
 
+def _private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from the global RNG unless given a generator; the
+    streams seed themselves, and leaving the global RNG alone keeps a resumed run's training noise
+    identical to an uninterrupted run's."""
+    return torch.Generator().manual_seed(0)
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
@@ -164,7 +171,8 @@ class TrainLoader:
         if self.num_workers == 0:
             return worker_train_batches(self.plan, 0, self.normalise)
         return iter(DataLoader(_TrainStream(self.plan, self.normalise), batch_size=None,
-                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available()))
+                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                               generator=_private_generator()))
 
 
 def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -187,16 +195,18 @@ def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch:
 
 
 def eval_batches(shards: list[str], image_format: str, batch_size: int, normalise) -> Iterator[dict]:
-    """Every sample of `shards` once, in order; the last batch may be partial."""
-    pending: list[dict] = []
+    """Every sample of `shards` once, in order. Batches never cross a shard boundary (each shard's last
+    batch may be partial), so a sample meets the same batch mates whatever the number of ranks and
+    workers, and batch-dependent floating-point rounding cannot make results depend on them."""
     for shard in shards:
+        pending: list[dict] = []
         for sample in iter_shard_samples(Path(shard)):
             pending.append(sample)
             if len(pending) == batch_size:
                 yield _eval_batch(pending, image_format, normalise)
                 pending = []
-    if pending:
-        yield _eval_batch(pending, image_format, normalise)
+        if pending:
+            yield _eval_batch(pending, image_format, normalise)
 
 
 def _eval_batch(samples: list[dict], image_format: str, normalise) -> dict:
@@ -219,14 +229,14 @@ class _EvalStream(IterableDataset):
 class EvalLoader:
     """One rank's share of a split; `len()` is the number of batches it yields (possibly 0)."""
 
-    def __init__(self, worker_shards: list[list[str]], worker_counts: list[int], image_format: str,
+    def __init__(self, worker_shards: list[list[str]], shard_counts: list[int], image_format: str,
                  batch_size: int, normalise, in_processes: bool):
-        self.worker_shards, self.worker_counts = worker_shards, worker_counts
+        self.worker_shards, self.shard_counts = worker_shards, shard_counts
         self.image_format, self.batch_size, self.normalise = image_format, batch_size, normalise
         self.num_workers = len(worker_shards) if in_processes else 0
 
     def __len__(self) -> int:
-        return sum(math.ceil(count / self.batch_size) for count in self.worker_counts)
+        return sum(math.ceil(count / self.batch_size) for count in self.shard_counts)
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
@@ -234,7 +244,7 @@ class EvalLoader:
             return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
         stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=torch.cuda.is_available()))
+                               pin_memory=torch.cuda.is_available(), generator=_private_generator()))
 
 
 def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -256,6 +266,6 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
                       f"using {workers}. Re-shard with a smaller --shard-size to read in parallel", stacklevel=2)
     folder = manifest.folder
     worker_shards = [[str(folder / entry.file) for entry in entries[worker::workers]] for worker in range(workers)]
-    worker_counts = [sum(entry.count for entry in entries[worker::workers]) for worker in range(workers)]
-    return EvalLoader(worker_shards, worker_counts, manifest.image_format, batch_size, _normaliser(data),
+    return EvalLoader(worker_shards, [entry.count for entry in entries], manifest.image_format, batch_size,
+                      _normaliser(data),
                       in_processes=requested > 0)

@@ -107,6 +107,15 @@ def _shared_projection(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coordinates, ratio
 
 
+def _clip_outliers(states: np.ndarray, percent: float = 1.0) -> np.ndarray:
+    """Clips each class coordinate to its [percent, 100 - percent] percentile range: one diverging chain
+    would otherwise take the first principal axis and squeeze every other point into a line."""
+    if len(states) < 10:
+        return states
+    low, high = np.percentile(states, [percent, 100 - percent], axis=0)
+    return np.clip(states, low, high)
+
+
 def _trajectory_states(trajectory: Sequence[tuple[int, Any]], labels: np.ndarray, classes: int) -> list:
     if len(trajectory) == 0 or len(labels) == 0:
         raise ValueError("plot_trajectory needs at least one step and one image")
@@ -158,7 +167,7 @@ def plot_trajectory(trajectory: Sequence[tuple[int, Any]], labels: Any, class_na
     labels = class_indices(labels, "labels", len(labels), len(class_names))
     steps = _trajectory_states(trajectory, labels, len(class_names))
     chosen = [steps[i] for i in _panel_indices(len(steps), max_panels)]
-    coordinates, ratio = _shared_projection(np.concatenate([states for _, states in chosen]))
+    coordinates, ratio = _shared_projection(_clip_outliers(np.concatenate([states for _, states in chosen])))
 
     columns = min(len(chosen), 3)
     rows = math.ceil(len(chosen) / columns)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ..config import PretrainedWeightsError
+from ..errors import PretrainedWeightsError
 
 TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -49,9 +49,11 @@ class ResNetTrunk(nn.Module):
         self.channels = TRUNK_CHANNELS[arch]
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layers = nn.Sequential(resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        # Channels-last convolutions are faster on CPUs (oneDNN) and on tensor cores alike.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(images))
+        return self.layers(self.stem(images.contiguous(memory_format=torch.channels_last)))
 
 
 class PlainClassifier(nn.Module):

@@ -70,6 +70,7 @@ class DiffMIC(nn.Module):
         self.mmd_weight = diffusion.mmd_weight
         self.fused_prior = diffusion.fused_prior
         self.timesteps = diffusion.timesteps
+        self.noise_draws = diffusion.noise_draws
         self.eval_defaults = config.eval
         # Value checks (label range, finiteness) read tensors back to the host; the engine may turn
         # them off on accelerators and check the batch in the data pipeline instead.
@@ -137,10 +138,15 @@ class DiffMIC(nn.Module):
         """L_diff = MSE(eps, eps_hat_fused) + lambda (MMD(eps, eps_hat_g) + MMD(eps, eps_hat_l)) for
         `full`; the MSE alone for `c1` and `c2`. One t per sample (antithetic), one eps for all branches."""
         priors = self.frozen_priors(images)
+        features = self.denoiser.encode(images)  # once for all branches
+        if self.noise_draws > 1:
+            # Several (t, eps) per image reuse its features and priors: more denoiser signal per encoder pass.
+            features = features.repeat(self.noise_draws, 1)
+            priors = {name: prior.repeat(self.noise_draws, 1) for name, prior in priors.items()}
+            labels = labels.repeat(self.noise_draws)
         y0 = F.one_hot(labels, self.num_classes).float()
         t = antithetic_timesteps(y0.shape[0], len(self.schedule), device=y0.device)
         eps = torch.randn_like(y0)
-        features = self.denoiser.encode(images)  # once for all branches
 
         def eps_hat(prior: torch.Tensor) -> torch.Tensor:
             y_t = self.schedule.q_sample(y0, prior, t, eps)

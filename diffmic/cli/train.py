@@ -1,0 +1,71 @@
+"""`diffmic train`: resolve the config, the shards and the run folder, then call the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import SET_OPTION, UserError, app, console
+
+SHARDS_ROOT = Path("shards")
+CONFIGS_ROOT = Path("configs")
+
+
+def shard_folders(root: Path = SHARDS_ROOT) -> list[Path]:
+    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+
+
+def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None) -> tuple[Path, Path | None]:
+    """(config file, shard folder or None for the config's own) from the short forms:
+    --dataset NAME means configs/NAME.yaml and shards/NAME; with neither flag, the only shard folder."""
+    if config is None and dataset is None:
+        if shards is not None:
+            dataset = shards.name
+        else:
+            found = shard_folders()
+            if len(found) != 1:
+                choices = ", ".join(p.name for p in found) or "none"
+                raise UserError(f"pass --config FILE or --dataset NAME: {SHARDS_ROOT}/ holds {len(found)} shard "
+                                f"folders ({choices}); make one with `diffmic shard --dataset NAME`")
+            dataset, shards = found[0].name, found[0]
+    if config is None:
+        config = CONFIGS_ROOT / f"{dataset}.yaml"
+        if not config.is_file():
+            available = ", ".join(p.stem for p in sorted(CONFIGS_ROOT.glob("*.yaml"))) or "none"
+            raise UserError(f"no config {config} for dataset '{dataset}'; pass --config FILE "
+                            f"(configs here: {available})")
+    if shards is None and dataset is not None:
+        shards = SHARDS_ROOT / dataset
+    return config, shards
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML. Default: configs/<dataset>.yaml."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml and shards/NAME."),
+    shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: data.shards of the config, "
+                                                       "else shards/<data.dataset>."),
+    run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run folder; an existing one is resumed from its "
+                                                               "latest checkpoint. Default: runs/<dataset>-<time>."),
+    overrides: list[str] = SET_OPTION,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train DiffMIC (DCG warm-up, then DCG + denoiser jointly) on shards; resumes a run folder.
+
+    Examples:
+      diffmic train --config configs/digits.yaml
+      accelerate launch -m diffmic train --dataset ham10000 --set train.batch_size=32
+      diffmic train --config configs/ham10000.yaml --run-dir runs/ham-1   (resumes runs/ham-1)
+    """
+    from ..config import load_config
+    from ..data import shard_dir_for
+    from ..engine import train
+
+    config_path, shard_dir = resolve_inputs(config, dataset, shards)
+    cfg = load_config(config_path, overrides or [])
+    result = train(cfg, shard_dir or shard_dir_for(cfg.data), run_dir, progress=progress)
+    summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"
+    if result.best_step >= 0:
+        summary += f"; best {cfg.train.select_metric} {result.best_score:.4f} at step {result.best_step}"
+    console.print(summary, highlight=False)

@@ -1,0 +1,80 @@
+"""The run folder: resolved config, provenance (git commit, shard manifest hash) and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..config import Config, dump_config
+
+
+def git_commit() -> str:
+    """The commit of the diffmic checkout in use, with '+dirty' for uncommitted changes; 'unknown'
+    for an installed copy outside git."""
+    source = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_run_files(run_dir: Path, config: Config, manifest, facts: dict) -> dict:
+    """config.yaml and run.json of a run; returns the provenance recorded in every checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    provenance = {"git_commit": git_commit(), "diffmic_version": __version__,
+                  "shards": str(manifest.folder), "manifest_sha256": manifest.digest,
+                  "classes": list(manifest.classes)}
+    write_text_atomic(run_dir / "config.yaml", dump_config(config))
+    run = {**provenance, **facts, "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_text_atomic(run_dir / "run.json", json.dumps(run, indent=2))
+    return provenance
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN/metrics.jsonl (and TensorBoard when asked); rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
+                                   "pip install tensorboard (or set train.tensorboard=false)") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("step",):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -1,0 +1,9 @@
+"""User-facing error types that the command line reports as one message (no torch import here)."""
+
+
+class PretrainedWeightsError(ValueError):
+    """A pretrained-weights file named in the config is missing or holds another architecture."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or belongs to another configuration."""

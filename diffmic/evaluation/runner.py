@@ -1,0 +1,252 @@
+"""`diffmic eval` and `diffmic predict` as functions: load a checkpoint, sample, report.
+
+The evaluator runs standalone or under `accelerate launch`: each process samples a disjoint part of
+the split, the results are gathered once, and rank 0 checks them against the manifest and writes
+metrics.json, predictions.csv and the PNG figures (each written to a temporary name, then renamed;
+metrics.json last, so a folder with it is complete).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data import eval_loader, read_manifest
+from ..data.loaders import check_compatible as check_shards
+from ..engine import checkpoint as ckpt
+from ..engine.distributed import make_accelerator
+from ..errors import CheckpointError
+from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
+from .metrics import classification_metrics, metrics_table
+from .plots import plot_confusion_matrix, plot_trajectory
+
+TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path | None  # None on ranks other than 0
+    metrics: dict
+    predictions: SplitPredictions
+
+
+def write_atomic(path: Path, data: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(data)
+    os.replace(temporary, path)
+
+
+def eval_settings(config: Config, steps: int | None, sampler: str | None, n_samples: int | None) -> tuple[int, str, int]:
+    steps = steps or config.eval.steps
+    sampler = sampler or config.eval.sampler
+    n_samples = n_samples or config.eval.n_samples
+    if not 1 <= steps <= config.diffusion.timesteps:
+        raise CheckpointError(f"--steps must be in 1..{config.diffusion.timesteps} (the model's diffusion.timesteps)")
+    return steps, sampler, n_samples
+
+
+def load_checkpoint_model(run_dir: Path, checkpoint: str, use_ema: bool):
+    info = ckpt.find_checkpoint(run_dir, checkpoint)
+    model, config, payload = ckpt.build_model_from_checkpoint(info, use_ema)
+    return info, model, config, payload
+
+
+def shards_of(run_dir: Path, payload: dict, shards: Path | None) -> Path:
+    if shards is not None:
+        return Path(shards)
+    recorded = payload.get("meta", {}).get("shards")
+    if recorded:
+        return Path(recorded)
+    raise CheckpointError(f"the checkpoint of {run_dir} does not say which shards it used; pass --shards")
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test", steps: int | None = None,
+                 sampler: str | None = None, n_samples: int | None = None, use_ema: bool = True,
+                 out_dir: str | Path | None = None, shards: str | Path | None = None,
+                 progress: bool = True) -> EvalResult:
+    run_dir = Path(run_dir)
+    info, model, config, payload = load_checkpoint_model(run_dir, checkpoint, use_ema)
+    steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
+    shard_dir = shards_of(run_dir, payload, shards)
+    manifest = read_manifest(shard_dir)
+    check_shards(manifest, config.data)
+    if list(manifest.classes) != list(payload["classes"]):
+        raise CheckpointError(f"{shard_dir} has classes {manifest.classes} but the checkpoint {info.path} was "
+                              f"trained on {payload['classes']}; evaluate it on the shards it was trained with")
+    expected_keys = manifest.split_info(split).keys
+    accelerator = make_accelerator(_inference_train_config(config), gradient_accumulation=False)
+    try:
+        model.to(accelerator.device)
+        model.check_values = accelerator.device.type == "cpu"
+        loader = eval_loader(shard_dir, split, config.data, config.eval.batch_size, accelerator.process_index,
+                             accelerator.num_processes)
+        record_every = max(1, steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
+        started = time.perf_counter()
+        with _progress(len(expected_keys), accelerator.is_main_process and progress, "eval") as advance:
+            local = predict_batches(model, loader, accelerator.device, config.train.seed, steps, sampler, n_samples,
+                                    config.eval.aggregate, record_every, accelerator.autocast, on_batch=advance)
+        predictions = gather_predictions(local, accelerator)
+        seconds = time.perf_counter() - started
+        check_keys(predictions, expected_keys, split)
+        predictions = predictions.reordered(expected_keys)
+        metrics = _report(predictions, manifest.classes, info, manifest, split, sampler, steps, n_samples,
+                          use_ema and payload.get("ema") is not None, seconds)
+        out = None
+        if accelerator.is_main_process:
+            out = Path(out_dir) if out_dir else run_dir / "eval" / f"{split}-{checkpoint}-{sampler}{steps}"
+            write_outputs(out, predictions, metrics, manifest.classes)
+        accelerator.wait_for_everyone()
+        return EvalResult(out, metrics, predictions)
+    finally:
+        accelerator.end_training()
+
+
+def _inference_train_config(config: Config):
+    """Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice."""
+    import dataclasses
+
+    return dataclasses.replace(config.train, distributed="ddp")
+
+
+def _report(predictions, classes, info, manifest, split, sampler, steps, n_samples, ema, seconds) -> dict:
+    metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
+    guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
+    metrics.update({
+        "dcg_accuracy": guide["accuracy"], "dcg_macro_f1": guide["macro_f1"], "split": split, "sampler": sampler,
+        "steps": steps, "n_samples": n_samples, "ema": ema, "seconds": seconds,
+        "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
+        "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
+    })
+    return metrics
+
+
+def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, classes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "predictions.csv", predictions_csv(predictions, classes))
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
+    if predictions.trajectory:
+        plot_trajectory(predictions.trajectory, predictions.labels, classes, out / "trajectory.png")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+
+
+def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
+    header = ["key", "label", "predicted", *[f"prob_{c}" for c in classes], "dcg_predicted"]
+    if predictions.spread is not None:
+        header += ["uncertainty", *[f"spread_{c}" for c in classes]]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for i, key in enumerate(predictions.keys):
+        row = [key, classes[predictions.labels[i]], classes[predictions.predicted[i]],
+               *[f"{p:.6f}" for p in predictions.probs[i]], classes[predictions.guide_predicted[i]]]
+        if predictions.spread is not None:
+            row += [f"{predictions.uncertainty[i]:.6f}", *[f"{s:.6f}" for s in predictions.spread[i]]]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+class _progress:
+    """A rich progress bar over images on rank 0; a no-op elsewhere."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.total, self.enabled, self.label = total, enabled, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda count: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            transient=True)
+        self.bar.__enter__()
+        # Only this process's share is counted: the bar tracks rank 0's part of the split.
+        task = self.bar.add_task(self.label, total=None)
+        return lambda count: self.bar.advance(task, count)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    from rich.console import Console
+
+    extra = [("DCG accuracy", metrics["dcg_accuracy"]), ("DCG macro F1", metrics["dcg_macro_f1"]),
+             ("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
+             ("images/s", f"{metrics['images_per_s']:.1f}")]
+    Console().print(metrics_table(metrics, title, extra))
+
+
+# --- predict on loose files ---------------------------------------------------------------------------
+def image_files(paths: list[Path]) -> list[Path]:
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist; pass image files or folders of images")
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(map(str, paths))}")
+    return found
+
+
+def load_images(files: list[Path], transform) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    tensors = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                tensors.append(transform(image))
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise CheckpointError(f"{path} is not a readable image ({error}); remove it or convert it") from None
+    return torch.stack(tensors)
+
+
+def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "best", steps: int | None = None,
+                  sampler: str | None = None, n_samples: int | None = None, use_ema: bool = True,
+                  batch_size: int = 32) -> tuple[list[dict], list[str]]:
+    """Rows of (file, predicted class, probabilities, uncertainty) for loose image files."""
+    from ..data import eval_transform
+
+    info, model, config, payload = load_checkpoint_model(Path(run_dir), checkpoint, use_ema)
+    steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
+    files = image_files(paths)
+    transform = eval_transform(config.data)
+    classes = list(payload["classes"])
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
+                 "key": [str(path) for path in chunk]}
+        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, steps, sampler, n_samples,
+                                 config.eval.aggregate)
+        for i, path in enumerate(chunk):
+            row = {"file": str(path), "predicted": classes[result.predicted[i]],
+                   **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
+                   "dcg_predicted": classes[result.guide_predicted[i]]}
+            row["uncertainty"] = float(result.uncertainty[i]) if result.uncertainty is not None else None
+            rows.append(row)
+    return rows, classes
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,95 @@
+"""Shared pieces of the engine, evaluation and Slurm tests: small digits shards, a tiny model config and
+a way to start several CPU processes with `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A model small enough for CPU tests: 32 px digits (a 1x1 saliency map, one ROI tile), narrow denoiser.
+TINY = ["data.image_size=32", "model.dcg.k=1", "model.denoiser.feature_dim=64", "train.batch_size=16",
+        "train.log_every=2", "train.dcg_warmup_epochs=1", "train.epochs=2", "train.val_every=1",
+        "eval.steps=5", "eval.n_samples=2", "eval.batch_size=32", "data.num_workers=0", "train.keep_last=3",
+        "diffusion.noise_draws=2"]
+
+
+def shard_digits(out: Path, size: int = 32, shard_size: int = 200) -> Path:
+    from diffmic.data import ShardOptions, shard_dataset
+
+    shard_dataset(ShardOptions(dataset="digits", out=out, size=size, shard_size=shard_size, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """Digits at 32 px in shards of 200: uneven shards per split, reused by the whole session."""
+    return shard_digits(tmp_path_factory.mktemp("shards") / "digits")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_environment(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra})
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    return env
+
+
+def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600, deepspeed: bool = False,
+                      cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`accelerate launch` with real CPU processes (plain `--cpu` would start only one; see STACK.md)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port())]
+    command += ["--use_deepspeed", "--zero_stage", "2"] if deepspeed else ["--multi_gpu"]
+    result = subprocess.run(command + args, cwd=cwd, env=cpu_environment(ACCELERATE_USE_CPU="1"),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def diffmic(args: list[str], timeout: int = 600, cwd: Path = REPO, check: bool = True, **env) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "diffmic", *args], cwd=cwd, env=cpu_environment(**env),
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"diffmic {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def model_weights(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None) -> subprocess.Popen:
+    """`diffmic train` on the tiny setting in a child process (so a test can signal or kill it)."""
+    args = ["train", "--config", config or str(REPO / "configs" / "digits.yaml"), "--shards", str(shards),
+            "--run-dir", str(run_dir), "--no-progress",
+            *[item for override in TINY + list(extra) for item in ("--set", override)]]
+    return subprocess.Popen([sys.executable, "-m", "diffmic", *args], cwd=REPO, env=cpu_environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: int = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_run(digits_shards, tmp_path_factory) -> Path:
+    """One uninterrupted tiny training run, shared by the engine and evaluation tests."""
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    finish(start_training(run_dir, digits_shards))
+    return run_dir

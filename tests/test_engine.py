@@ -1,0 +1,136 @@
+"""The training engine on the CPU: DDP and DeepSpeed with two processes, exact resume, crash safety."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from diffmic.cli.train import resolve_inputs
+from diffmic.cli.common import UserError
+from diffmic.engine import checkpoint as ckpt
+from engine_helpers import REPO, TINY, accelerate_launch, diffmic, finish, model_weights, start_training
+
+CONFIG = str(REPO / "configs" / "digits.yaml")
+pytestmark = pytest.mark.timeout(900)
+
+
+def rank_reports(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def validation_rows(run_dir: Path) -> list[dict]:
+    return [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "split" in row]
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
+def test_two_processes_train_validate_checkpoint_and_hold_identical_weights(digits_shards, tmp_path, deepspeed):
+    run_dir = tmp_path / "run"
+    overrides = TINY + ["train.max_steps=3"] + (["train.distributed=deepspeed"] if deepspeed else [])
+    accelerate_launch([str(REPO / "tests" / "engine_worker.py"), CONFIG, str(digits_shards), str(run_dir), *overrides],
+                      deepspeed=deepspeed)
+    first, second = rank_reports(run_dir)
+    assert first["world"] == second["world"] == 2
+    assert first["distributed"] == ("DEEPSPEED" if deepspeed else "MULTI_CPU")
+    assert first["digest"] == second["digest"] and first["step"] == second["step"] > 3
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["world_size"] == 2 and run["global_batch"] == 32 and len(run["manifest_sha256"]) == 64
+    assert validation_rows(run_dir) and validation_rows(run_dir)[-1]["split"] == "val"
+    last = ckpt.find_checkpoint(run_dir, "last")
+    assert last.step == first["step"] and (last.path / "random_states_1.pkl").is_file()
+    assert ckpt.find_checkpoint(run_dir, "best").path.is_dir()
+
+
+def logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((json.loads(line)["step"] for line in lines), default=0)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "training ended before the interruption point"
+        assert time.monotonic() < deadline, "timed out waiting for the interruption point"
+        time.sleep(poll)
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first if first[k].numel())
+
+
+def test_sigterm_saves_and_a_resumed_run_ends_with_the_same_parameters(digits_shards, tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, digits_shards)
+    wait_for(lambda: logged_step(run_dir) >= 8, process)  # joint training has started
+    process.send_signal(signal.SIGTERM)
+    output = finish(process)
+    assert "signal at step" in output
+    interrupted = ckpt.find_checkpoint(run_dir, "last")
+    final = ckpt.find_checkpoint(tiny_run, "last")
+    assert 8 <= interrupted.step < final.step
+    finish(start_training(run_dir, digits_shards))
+    resumed = ckpt.find_checkpoint(run_dir, "last")
+    assert resumed.step == final.step
+    assert max_difference(model_weights(resumed.path), model_weights(final.path)) < 1e-6
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(digits_shards, tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    root = ckpt.checkpoint_root(run_dir)
+    process = start_training(run_dir, digits_shards, "train.checkpoint_every=1")
+    # Kill while a checkpoint after the first complete one is being written.
+    wait_for(lambda: len(ckpt.complete_checkpoints(run_dir)) >= 1 and any(root.glob(".step-*.partial")),
+             process, poll=0.005)
+    process.kill()
+    process.wait()
+    partial = sorted(root.glob(".step-*.partial"))
+    survivors = ckpt.complete_checkpoints(run_dir)
+    assert partial and survivors, "the kill did not land inside a save"
+    assert all(info.step < int(partial[0].name.split("-")[1].split(".")[0]) for info in survivors)
+    finish(start_training(run_dir, digits_shards, "train.checkpoint_every=1"))
+    assert not list(root.glob(".step-*.partial"))
+    final = ckpt.find_checkpoint(tiny_run, "last")
+    resumed = ckpt.find_checkpoint(run_dir, "last")
+    assert resumed.step == final.step
+    assert max_difference(model_weights(resumed.path), model_weights(final.path)) < 1e-6
+
+
+def test_a_checkpoint_of_another_config_is_refused_with_a_clear_message(digits_shards, tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(tiny_run), str(copy)], check=True)
+    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(copy),
+                      *[x for o in TINY + ["model.denoiser.feature_dim=32"] for x in ("--set", o)]], check=False)
+    assert result.returncode == 2
+    assert "another configuration" in result.stderr and "model.denoiser.feature_dim" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(digits_shards, tmp_path):
+    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(tmp_path / "r"),
+                      "--no-progress", *[x for o in TINY + ["train.dcg_lr=1e12", "train.dcg_amsgrad=false"]
+                                         for x in ("--set", o)]], check=False)
+    assert result.returncode != 0
+    assert "non-finite at step" in result.stderr + result.stdout
+
+
+def test_short_forms_pick_the_config_and_shards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "digits.yaml").write_text("data: {dataset: digits}\n")
+    with pytest.raises(UserError, match="holds 0 shard folders"):
+        resolve_inputs(None, None, None)
+    (tmp_path / "shards" / "digits").mkdir(parents=True)
+    (tmp_path / "shards" / "digits" / "manifest.json").write_text("{}")
+    assert resolve_inputs(None, None, None) == (Path("configs/digits.yaml"), Path("shards/digits"))
+    assert resolve_inputs(None, "digits", None) == (Path("configs/digits.yaml"), Path("shards/digits"))
+    (tmp_path / "shards" / "other").mkdir()
+    (tmp_path / "shards" / "other" / "manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="digits, other"):
+        resolve_inputs(None, None, None)
+    with pytest.raises(UserError, match="no config configs/nope.yaml"):
+        resolve_inputs(None, "nope", None)
