@@ -22,8 +22,19 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole path on the CPU: shard scikit-learn's digits, train DiffMIC, evaluate with 2 processes.
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+DEMO_RUN ?= runs/demo-$(DEMO_STAMP)
 demo: install
-	$(PY) -m diffmic demo
+	$(PY) -m diffmic shard --dataset digits --overwrite
+	$(PY) -m diffmic train --config configs/digits.yaml --run-dir $(DEMO_RUN)
+	ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
+		--num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port $(FREE_PORT) \
+		-m diffmic eval --run $(DEMO_RUN) --out $(DEMO_RUN)/eval/test
+	@echo "metrics: $(DEMO_RUN)/eval/test/metrics.json"
+	@echo "figures: $(DEMO_RUN)/eval/test/confusion_matrix.png $(DEMO_RUN)/eval/test/trajectory.png"
+
+FREE_PORT = $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 clean:
 	rm -rf $(VENV) .pytest_cache .torch_extensions

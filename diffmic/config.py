@@ -82,6 +82,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                  f"got {value!r}, expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"got {value!r}, expected a number")
         return float(value)
@@ -364,3 +369,17 @@ def config_reference(cls: type = Config, prefix: str = "") -> list[tuple[str, st
         else:
             rows.append((key, _type_name(hints[f.name]), value))
     return rows
+
+
+def reference_table() -> str:
+    """The README's configuration reference as a Markdown table (regenerate with
+    `python -m diffmic.config`; a test fails when the README's copy drifts)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+    for key, kind, default in config_reference():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | {kind.replace('|', '/')} | `{shown}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_table())

@@ -7,3 +7,7 @@ class PretrainedWeightsError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or belongs to another configuration."""
+
+
+class SlurmError(RuntimeError):
+    """Slurm is missing, a job could not be submitted, or a submitted job failed."""

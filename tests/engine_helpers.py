@@ -13,22 +13,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough for CPU tests: 32 px digits (a 1x1 saliency map, one ROI tile), narrow denoiser.
-TINY = ["data.image_size=32", "model.dcg.k=1", "model.denoiser.feature_dim=64", "train.batch_size=16",
-        "train.log_every=2", "train.dcg_warmup_epochs=1", "train.epochs=2", "train.val_every=1",
+TINY = ["data.image_size=32", "model.dcg.k=1", "model.denoiser.feature_dim=64", "train.batch_size=32",
+        "train.log_every=2", "train.dcg_warmup_epochs=1", "train.epochs=1", "train.val_every=1",
         "eval.steps=5", "eval.n_samples=2", "eval.batch_size=32", "data.num_workers=0", "train.keep_last=3",
         "diffusion.noise_draws=2"]
 
 
-def shard_digits(out: Path, size: int = 32, shard_size: int = 200) -> Path:
+def shard_digits(out: Path, size: int = 32, shard_size: int = 150, test_fraction: float = 0.5) -> Path:
     from diffmic.data import ShardOptions, shard_dataset
 
-    shard_dataset(ShardOptions(dataset="digits", out=out, size=size, shard_size=shard_size, workers=1))
+    shard_dataset(ShardOptions(dataset="digits", out=out, size=size, shard_size=shard_size, workers=1,
+                               test_fraction=test_fraction))
     return out
 
 
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
-    """Digits at 32 px in shards of 200: uneven shards per split, reused by the whole session."""
+    """Digits at 32 px, half of them for testing (short epochs), in shards of 150: uneven shards per
+    split. Reused by the whole session."""
     return shard_digits(tmp_path_factory.mktemp("shards") / "digits")
 
 
@@ -38,9 +40,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cpu_environment(**extra) -> dict:
+def cpu_environment(threads: int = 2, **extra) -> dict:
+    """The environment of a child process; results compared bit for bit need equal thread counts."""
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra})
+    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **extra})
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     return env
 
@@ -52,14 +55,18 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600, d
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port())]
     command += ["--use_deepspeed", "--zero_stage", "2"] if deepspeed else ["--multi_gpu"]
-    result = subprocess.run(command + args, cwd=cwd, env=cpu_environment(ACCELERATE_USE_CPU="1"),
+    # DeepSpeed picks its CPU accelerator itself; Accelerate's CPU flag would turn DeepSpeed off.
+    environment = cpu_environment(1) if deepspeed else cpu_environment(1, ACCELERATE_USE_CPU="1")
+    environment.pop("ACCELERATE_USE_CPU", None) if deepspeed else None
+    result = subprocess.run(command + args, cwd=cwd, env=environment,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
 
-def diffmic(args: list[str], timeout: int = 600, cwd: Path = REPO, check: bool = True, **env) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "diffmic", *args], cwd=cwd, env=cpu_environment(**env),
+def diffmic(args: list[str], timeout: int = 600, cwd: Path = REPO, check: bool = True, threads: int = 2,
+            **env) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "diffmic", *args], cwd=cwd, env=cpu_environment(threads, **env),
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"diffmic {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -72,12 +79,12 @@ def model_weights(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)["model"]
 
 
-def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None) -> subprocess.Popen:
+def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None, **env) -> subprocess.Popen:
     """`diffmic train` on the tiny setting in a child process (so a test can signal or kill it)."""
     args = ["train", "--config", config or str(REPO / "configs" / "digits.yaml"), "--shards", str(shards),
             "--run-dir", str(run_dir), "--no-progress",
             *[item for override in TINY + list(extra) for item in ("--set", override)]]
-    return subprocess.Popen([sys.executable, "-m", "diffmic", *args], cwd=REPO, env=cpu_environment(),
+    return subprocess.Popen([sys.executable, "-m", "diffmic", *args], cwd=REPO, env=cpu_environment(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -13,8 +13,9 @@ from diffmic.engine.trainer import Trainer
 
 
 def parameter_digest(module) -> str:
+    """Parameters only: BatchNorm running statistics are per-rank under DDP (rank 0's are saved)."""
     digest = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
+    for name, value in sorted(module.named_parameters()):
         digest.update(name.encode())
         digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

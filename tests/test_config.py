@@ -30,7 +30,8 @@ def test_paper_configs_carry_the_papers_settings():
 
 def test_dotted_overrides_keep_their_types():
     config = load_config("configs/ham10000.yaml", ["model.dcg.k=4", "train.mixed_precision=fp16",
-                                                   "model.dcg.top_t=0.5", "train.ema=false"])
+                                                   "model.dcg.top_t=0.5", "train.ema=false", "train.lr=3e-4"])
+    assert config.train.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; a float key takes it
     assert config.model.dcg.k == 4 and config.model.dcg.top_t == 0.5
     assert config.train.mixed_precision == "fp16" and config.train.ema is False
 
@@ -75,3 +76,12 @@ def test_reference_lists_every_leaf_key_with_its_default():
     assert rows["model.dcg.k"] == 6 and rows["train.mixed_precision"] == "bf16"
     assert "model.dcg" not in rows and len(rows) > 40
     assert Config().data.num_classes == rows["data.num_classes"]
+
+
+def test_readme_configuration_reference_matches_the_code():
+    from diffmic.config import reference_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    documented = readme[readme.index(start) + len(start):readme.index(end)].strip()
+    assert documented == reference_table(), "README's configuration reference is stale: paste `python -m diffmic.config`"

@@ -29,7 +29,7 @@ def validation_rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
 def test_two_processes_train_validate_checkpoint_and_hold_identical_weights(digits_shards, tmp_path, deepspeed):
     run_dir = tmp_path / "run"
-    overrides = TINY + ["train.max_steps=3"] + (["train.distributed=deepspeed"] if deepspeed else [])
+    overrides = TINY + ["train.max_steps=3", "train.batch_size=16"] + (["train.distributed=deepspeed"] if deepspeed else [])
     accelerate_launch([str(REPO / "tests" / "engine_worker.py"), CONFIG, str(digits_shards), str(run_dir), *overrides],
                       deepspeed=deepspeed)
     first, second = rank_reports(run_dir)
@@ -66,13 +66,13 @@ def max_difference(first: dict, second: dict) -> float:
 def test_sigterm_saves_and_a_resumed_run_ends_with_the_same_parameters(digits_shards, tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     process = start_training(run_dir, digits_shards)
-    wait_for(lambda: logged_step(run_dir) >= 8, process)  # joint training has started
+    wait_for(lambda: logged_step(run_dir) >= 30, process)  # joint training has started
     process.send_signal(signal.SIGTERM)
     output = finish(process)
     assert "signal at step" in output
     interrupted = ckpt.find_checkpoint(run_dir, "last")
     final = ckpt.find_checkpoint(tiny_run, "last")
-    assert 8 <= interrupted.step < final.step
+    assert 30 <= interrupted.step < final.step
     finish(start_training(run_dir, digits_shards))
     resumed = ckpt.find_checkpoint(run_dir, "last")
     assert resumed.step == final.step
@@ -82,7 +82,7 @@ def test_sigterm_saves_and_a_resumed_run_ends_with_the_same_parameters(digits_sh
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(digits_shards, tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     root = ckpt.checkpoint_root(run_dir)
-    process = start_training(run_dir, digits_shards, "train.checkpoint_every=1")
+    process = start_training(run_dir, digits_shards, "train.checkpoint_every=1", DIFFMIC_FAULT_SAVE_DELAY_S="2")
     # Kill while a checkpoint after the first complete one is being written.
     wait_for(lambda: len(ckpt.complete_checkpoints(run_dir)) >= 1 and any(root.glob(".step-*.partial")),
              process, poll=0.005)

@@ -10,6 +10,7 @@ from . import model as _model  # noqa: F401  (registers model-summary)
 from . import data as _data  # noqa: F401
 from . import train as _train  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401
+from . import launch as _launch  # noqa: F401
 
 
 def _version(value: bool) -> None:

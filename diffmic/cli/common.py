@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..errors import CheckpointError, PretrainedWeightsError
+from ..errors import CheckpointError, PretrainedWeightsError, SlurmError
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
@@ -26,7 +26,8 @@ class UserError(Exception):
 
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
-                                                 ManifestError, PretrainedWeightsError, CheckpointError)
+                                                 ManifestError, PretrainedWeightsError, CheckpointError,
+                                                 SlurmError)
 
 
 def run_command(application: typer.Typer) -> None:
@@ -36,7 +37,8 @@ def run_command(application: typer.Typer) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except USER_ERRORS as error:
-        error_console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap: a path in the message must stay one copyable piece, not be folded at the terminal width.
+        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)

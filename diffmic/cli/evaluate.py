@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from . import launch as slurm
 from .common import app, console
 
 RUN_OPTION = typer.Option(..., "--run", help="Run folder made by `diffmic train`, e.g. runs/digits-20261125-101500.")
@@ -32,6 +33,11 @@ def eval_command(
                                                        "<sampler><steps>/."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    use_slurm: bool = slurm.SLURM, local: bool = slurm.LOCAL, gpus: int = slurm.GPUS, nodes: int = slurm.NODES,
+    tasks_per_node: int = slurm.TASKS, partition: str = slurm.PARTITION, time_limit: str = slurm.TIME,
+    cpus_per_task: int = slurm.CPUS, mem: int = slurm.MEM, account: str = slurm.ACCOUNT, qos: str = slurm.QOS,
+    constraint: str = slurm.CONSTRAINT, exclude: str = slurm.EXCLUDE, max_requeues: int = slurm.REQUEUES,
+    dry_run: bool = slurm.DRY_RUN, wait: bool = slurm.WAIT,
 ) -> None:
     """Evaluate a checkpoint on a split: metrics.json, predictions.csv, confusion_matrix.png, trajectory.png.
 
@@ -39,8 +45,22 @@ def eval_command(
       diffmic eval --run runs/digits-1
       accelerate launch --num_processes 8 -m diffmic eval --run runs/ham-1 --steps 250
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
+      diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
     from ..evaluation.runner import evaluate_run, print_metrics
+
+    if use_slurm or local:
+        from ..engine.checkpoint import find_checkpoint
+
+        find_checkpoint(run, checkpoint)  # a wrong run or checkpoint fails here, not in the queue
+        options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
+                                      qos, constraint, exclude, max_requeues, local)
+        absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
+        arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "steps": steps,
+                     "sampler": sampler, "n_samples": n_samples, "use_ema": ema, "out_dir": absolute(out),
+                     "shards": absolute(shards)}
+        slurm.launch("eval", arguments, Path(run).resolve(), options, dry_run, wait)
+        return
 
     result = evaluate_run(run, checkpoint, split, steps, sampler, n_samples, ema, out, shards, progress)
     if result.out_dir is not None:
@@ -69,8 +89,9 @@ def predict_command(
 
     rows, classes = predict_files(run, paths, checkpoint, steps, sampler, n_samples, ema)
     table = Table(title=f"{len(rows)} image(s), {checkpoint} checkpoint of {run}")
-    for column in ("file", "predicted", "probability", "DCG", "uncertainty"):
-        table.add_column(column, justify="left" if column == "file" else "right")
+    table.add_column("file", overflow="fold")
+    for column in ("predicted", "probability", "DCG", "uncertainty"):
+        table.add_column(column, justify="right")
     for row in rows:
         uncertainty = "" if row["uncertainty"] is None else f"{row['uncertainty']:.2f}"
         table.add_row(row["file"], row["predicted"], f"{row['prob_' + row['predicted']]:.3f}", row["dcg_predicted"],

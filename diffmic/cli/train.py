@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
+from . import launch as slurm
 from .common import SET_OPTION, UserError, app, console
 
 SHARDS_ROOT = Path("shards")
@@ -50,6 +52,11 @@ def train_command(
                                                                "latest checkpoint. Default: runs/<dataset>-<time>."),
     overrides: list[str] = SET_OPTION,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    use_slurm: bool = slurm.SLURM, local: bool = slurm.LOCAL, gpus: int = slurm.GPUS, nodes: int = slurm.NODES,
+    tasks_per_node: int = slurm.TASKS, partition: str = slurm.PARTITION, time_limit: str = slurm.TIME,
+    cpus_per_task: int = slurm.CPUS, mem: int = slurm.MEM, account: str = slurm.ACCOUNT, qos: str = slurm.QOS,
+    constraint: str = slurm.CONSTRAINT, exclude: str = slurm.EXCLUDE, max_requeues: int = slurm.REQUEUES,
+    dry_run: bool = slurm.DRY_RUN, wait: bool = slurm.WAIT,
 ) -> None:
     """Train DiffMIC (DCG warm-up, then DCG + denoiser jointly) on shards; resumes a run folder.
 
@@ -57,14 +64,24 @@ def train_command(
       diffmic train --config configs/digits.yaml
       accelerate launch -m diffmic train --dataset ham10000 --set train.batch_size=32
       diffmic train --config configs/ham10000.yaml --run-dir runs/ham-1   (resumes runs/ham-1)
+      diffmic train --config configs/ham10000.yaml --slurm --gpus 8 --nodes 2 --partition gpu
     """
     from ..config import load_config
-    from ..data import shard_dir_for
+    from ..data import read_manifest, shard_dir_for
     from ..engine import train
 
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
-    result = train(cfg, shard_dir or shard_dir_for(cfg.data), run_dir, progress=progress)
+    shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
+    if use_slurm or local:
+        read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
+        options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
+                                      qos, constraint, exclude, max_requeues, local)
+        target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve())}
+        slurm.launch("train", arguments, target, options, dry_run, wait)
+        return
+    result = train(cfg, shard_dir, run_dir, progress=progress)
     summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"
     if result.best_step >= 0:
         summary += f"; best {cfg.train.select_metric} {result.best_score:.4f} at step {result.best_step}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,10 @@ def load_model_file(info: CheckpointInfo, map_location="cpu") -> dict:
     path = info.path / MODEL_FILE
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path} is missing or corrupt ({error}); pick another checkpoint "
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        # torch's unpickling messages run to a page; the first line says enough.
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is missing or corrupt ({reason}); pick another checkpoint "
                               f"(--checkpoint last, best or step-N)") from None
 
 

@@ -84,9 +84,12 @@ def make_accelerator(train: TrainConfig, gradient_accumulation: bool = True):
         from accelerate.utils import DeepSpeedPlugin
 
         _single_process_environment()
+        # Accelerate starts DeepSpeed's process group only when this is set (as `accelerate launch
+        # --use_deepspeed` does) and the CPU flag is off; DeepSpeed then runs on the CPU by itself.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train, precision))
     if not on_gpu and (plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # no NCCL without GPUs
-    return Accelerator(mixed_precision=precision, cpu=not on_gpu, kwargs_handlers=handlers,
+    return Accelerator(mixed_precision=precision, cpu=not on_gpu and plugin is None, kwargs_handlers=handlers,
                        gradient_accumulation_steps=train.grad_accum if gradient_accumulation else 1,
                        deepspeed_plugin=plugin)

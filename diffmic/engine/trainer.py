@@ -10,6 +10,7 @@ at logging steps.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -359,6 +360,8 @@ class Trainer:
                     **self.provenance}
             payload = ckpt.model_payload(self.module, self.ema, self.config, self.manifest.classes, {"meta": meta})
             torch.save(payload, partial / ckpt.MODEL_FILE)
+            # Fault injection for the crash-safety test: widens the window in which a kill lands mid-save.
+            time.sleep(float(os.environ.get("DIFFMIC_FAULT_SAVE_DELAY_S", "0")))
         acc.wait_for_everyone()
         if self.is_main:
             ckpt.finalise(partial, final, meta)

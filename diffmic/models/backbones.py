@@ -49,10 +49,9 @@ class ResNetTrunk(nn.Module):
         self.channels = TRUNK_CHANNELS[arch]
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layers = nn.Sequential(resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-        # Channels-last convolutions are faster on CPUs (oneDNN) and on tensor cores alike.
-        self.to(memory_format=torch.channels_last)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Channels-last activations are faster on CPUs (oneDNN) and tensor cores alike. The weights keep
+        # the default layout: DeepSpeed broadcasts parameters as flat bytes and needs them contiguous.
         return self.layers(self.stem(images.contiguous(memory_format=torch.channels_last)))
 
 

@@ -1,0 +1,1 @@
+"""Launching on clusters: Slurm jobs through submitit (`diffmic train --slurm`, `diffmic eval --slurm`)."""

@@ -1,0 +1,139 @@
+"""`diffmic train --slurm` and `diffmic eval --slurm` on the local Slurm cluster (.ci/slurm-cluster.sh),
+plus the paths that need no cluster (--local, --dry-run, no sbatch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffmic.engine import checkpoint as ckpt
+from engine_helpers import REPO, TINY, diffmic
+
+CONFIG = str(REPO / "configs" / "digits.yaml")
+CPU_JOB = ["--gpus", "0", "--tasks-per-node", "2", "--time", "00:15:00"]
+pytestmark = pytest.mark.timeout(900)
+
+
+def overrides(*extra: str) -> list[str]:
+    return [item for override in TINY + list(extra) for item in ("--set", override)]
+
+
+def train_job(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=()) -> subprocess.CompletedProcess:
+    return diffmic(["train", "--config", CONFIG, "--shards", str(shards), "--run-dir", str(run_dir), "--slurm",
+                    "--partition", "debug", *CPU_JOB, *extra_args, *overrides(*extra_overrides)], check=check)
+
+
+def record(run_dir: Path, kind: str = "train") -> dict:
+    return json.loads((run_dir / f"slurm_{kind}.json").read_text())
+
+
+def job_state(entry: dict) -> str:
+    from diffmic.launch.slurm import job_state as state
+
+    return state(entry)
+
+
+def wait_until(condition, timeout: float = 600, poll: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def slurm_training(slurm_cluster, digits_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("slurm") / "run"
+    train_job(run_dir, digits_shards, "--wait")
+    return run_dir
+
+
+@pytest.mark.slurm
+def test_a_two_task_training_job_completes_with_checkpoint_and_metrics(slurm_training):
+    entry = record(slurm_training)
+    assert job_state(entry) == "COMPLETED"
+    run = json.loads((slurm_training / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert ckpt.find_checkpoint(slurm_training, "last").step > 0
+    rows = [json.loads(line) for line in (slurm_training / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in row for row in rows) and any(row.get("split") == "val" for row in rows)
+    logs = list(Path(entry["log_dir"]).glob("*_log.out"))
+    assert len(logs) == 2  # one log per task
+    status = diffmic(["status", str(slurm_training)])
+    assert "COMPLETED" in status.stdout and "last step" in status.stdout
+
+
+@pytest.mark.slurm
+def test_slurm_eval_gives_the_same_predictions_as_a_local_eval(slurm_training, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "slurm"
+    diffmic(["eval", "--run", str(slurm_training), "--checkpoint", "last", "--out", str(local), "--no-progress"],
+            threads=1)
+    diffmic(["eval", "--run", str(slurm_training), "--checkpoint", "last", "--out", str(remote), "--slurm",
+             "--partition", "debug", *CPU_JOB, "--wait"], threads=1)
+    assert (local / "predictions.csv").read_bytes() == (remote / "predictions.csv").read_bytes()
+    assert job_state(record(slurm_training, "eval")) == "COMPLETED"
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_training, digits_shards, tmp_path):
+    import submitit
+
+    run_dir = tmp_path / "run"
+    train_job(run_dir, digits_shards)
+    entry = record(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and any('"joint"' in line for line in metrics.read_text().splitlines()))
+    job = submitit.SlurmJob(folder=entry["folder"] + "/%j", job_id=entry["job_id"])
+    job._interrupt()  # SIGTERM + SIGUSR2, as a preemption
+    # A requeued job is held for a while; release it so the test does not wait for the hold.
+    wait_until(lambda: job_state(entry) in {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, poll=0.5)
+    subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", "StartTime=now"], check=False)
+    wait_until(lambda: job_state(entry) not in {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING",
+                                                "UNKNOWN"})
+    assert job_state(entry) == "COMPLETED"
+    restarts = subprocess.run(["scontrol", "show", "job", entry["job_id"]], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts or "Restarts=" not in restarts  # accounting may have forgotten the job
+    assert "signal at step" not in metrics.read_text()  # the run logged on as usual after the resume
+    assert ckpt.find_checkpoint(run_dir, "last").step == ckpt.find_checkpoint(slurm_training, "last").step
+
+
+@pytest.mark.slurm
+def test_a_job_with_a_bad_config_fails_and_the_command_says_where_the_logs_are(slurm_cluster, digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train_job(run_dir, digits_shards, "--wait", check=False,
+                       extra_overrides=["model.dcg.pretrained=/nonexistent/resnet18.pth"])
+    entry = record(run_dir)
+    assert result.returncode != 0
+    assert "FAILED" in result.stderr and entry["log_dir"] in result.stderr
+    status = diffmic(["status", str(run_dir)], check=False)
+    assert status.returncode != 0 and "FAILED" in status.stdout
+
+
+def test_local_executor_runs_the_same_evaluation_without_slurm(tiny_run, tmp_path):
+    local, submitted = tmp_path / "direct", tmp_path / "local"
+    diffmic(["eval", "--run", str(tiny_run), "--checkpoint", "last", "--out", str(local), "--no-progress"], threads=1)
+    diffmic(["eval", "--run", str(tiny_run), "--checkpoint", "last", "--out", str(submitted), "--local",
+             "--gpus", "0", "--tasks-per-node", "2", "--wait"], threads=1)
+    assert (local / "predictions.csv").read_bytes() == (submitted / "predictions.csv").read_bytes()
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(digits_shards, tmp_path):
+    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(tmp_path / "r"),
+                      "--slurm", "--gpus", "4", "--nodes", "2", "--partition", "gpu", "--account", "lab",
+                      "--time", "1-00:00:00", "--dry-run"])
+    for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                     "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=2880", "nothing was submitted"):
+        assert expected in result.stdout
+    assert not (tmp_path / "r" / "slurm_train.json").exists()
+
+
+def test_without_sbatch_slurm_says_so(digits_shards, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "diffmic", "train", "--config", CONFIG, "--shards",
+                             str(digits_shards), "--slurm", "--gpus", "1"], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "sbatch" in result.stderr and "--local" in result.stderr
