@@ -34,6 +34,13 @@ def measure(model, config, batch: int, steps: int, repeats: int, device) -> dict
             "guide_calls": timer.calls["encoder+dcg"] / repeats}
 
 
+def report(name: str, batch: int, steps: int, r: dict) -> None:
+    print(f"{name:30s} batch {batch:3d} steps {steps:5d}: {r['images_per_s']:8.2f} images/s  "
+          f"encoder+DCG {r['encode_s']:.3f} s ({r['encoder_calls']:.0f} encoder, {r['guide_calls']:.0f} DCG "
+          f"call per batch)  reverse steps {r['reverse_s']:.3f} s ({1000 * r['reverse_s'] / steps:.2f} ms/step)",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="10,100,1000")
@@ -46,10 +53,7 @@ def main() -> None:
         model.eval()
         for steps in map(int, args.steps.split(",")):
             r = measure(model, config, BATCH[name], steps, args.repeats, device)
-            print(f"{name:30s} batch {BATCH[name]:3d} steps {steps:5d}: {r['images_per_s']:8.2f} images/s  "
-                  f"encoder+DCG {r['encode_s']:.3f} s ({r['encoder_calls']:.0f} encoder, {r['guide_calls']:.0f} DCG "
-                  f"call per batch)  reverse steps {r['reverse_s']:.3f} s ({1000 * r['reverse_s'] / steps:.2f} ms/step)",
-                  flush=True)
+            report(name, BATCH[name], steps, r)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from diffmic.config import load_config
 from diffmic.models import build_model
 
-REPO_CONFIGS = {"paper (HAM10000, 224 px, C=7)": "configs/ham10000.yaml", "digits (64 px, C=10)": "configs/digits.yaml"}
+REPO = Path(__file__).resolve().parents[1]
+REPO_CONFIGS = {"paper (HAM10000, 224 px, C=7)": str(REPO / "configs" / "ham10000.yaml"),
+                "digits (64 px, C=10)": str(REPO / "configs" / "digits.yaml")}
 
 
 def synchronize() -> None:

@@ -134,3 +134,13 @@ def test_mmd_is_differentiable_on_identical_rows():
     x = torch.randn(8, 3, requires_grad=True)
     mmd(x, torch.randn(8, 3)).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_grouped_mmd_is_the_mean_of_each_groups_mmd():
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 16, 5, generator=generator), torch.randn(3, 16, 5, generator=generator) + 0.5
+    per_group = torch.stack([mmd(x[g], y[g]) for g in range(3)])
+    assert mmd(x, y).item() == pytest.approx(per_group.mean().item(), rel=1e-6)
+    assert mmd(x, y).item() != pytest.approx(mmd(x.reshape(48, 5), y.reshape(48, 5)).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="equal groups"):
+        mmd(x, y[:2])

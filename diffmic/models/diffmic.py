@@ -155,7 +155,10 @@ class DiffMIC(nn.Module):
         losses = {"mse": F.mse_loss(eps_hat(priors["fused"]), eps)}
         losses["denoiser_loss"] = losses["mse"]
         if self.variant == "full":
-            losses["mmd"] = mmd(eps, eps_hat(priors["global"])) + mmd(eps, eps_hat(priors["local"]))
+            # One MMD per noise draw (rows are draw-major): each compares a batch as the authors' loss does.
+            groups = (self.noise_draws, -1, self.num_classes)
+            losses["mmd"] = sum(mmd(eps.view(groups), eps_hat(priors[branch]).view(groups))
+                                for branch in ("global", "local"))
             losses["denoiser_loss"] = losses["mse"] + self.mmd_weight * losses["mmd"]
         return losses
 

@@ -1,0 +1,70 @@
+"""Images/s of evaluation (`DiffMIC.predict`) for 10, 60, 250 and 1000 reverse steps at the paper config
+(224 px, C = 7) and the digits config, split into the seconds spent in the image encoder + guidance model
+(once per image) and in the reverse steps (the denoiser's MLP only).
+
+    python benchmarks/eval.py [--steps 10,60,250,1000] [--repeats 2] [--baseline-steps 10]
+
+For comparison it also times the authors' way, where every reverse step runs the image encoder and the
+guidance model again (their denoiser encodes the image inside forward); that baseline only runs at
+--baseline-steps, as it costs one full encoder pass per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from diffmic.diffusion.sampler import sample
+from sampling import BATCH, measure, report
+from timing import REPO_CONFIGS, device_and_threads, model_for, timed
+
+
+@torch.no_grad()
+def encode_every_step(model, images, steps: int) -> None:
+    """The authors' sampling loop: encoder and DCG inside every denoiser call."""
+    prior = model.priors(model.guidance(images))["fused"]
+
+    def denoise(y_t, t):
+        features = model.denoiser.encode(images)
+        fused = model.priors(model.guidance(images))["fused"]
+        return model.denoiser(features, y_t, fused, t)
+
+    sample(denoise, prior, model.schedule, "respaced", steps)
+
+
+def baseline_images_per_s(model, images, steps: int, repeats: int) -> float:
+    with timed() as total:
+        for _ in range(repeats):
+            encode_every_step(model, images, steps)
+    return images.shape[0] * repeats / total["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="10,60,250,1000")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline-steps", type=int, default=10, help="0 skips the per-step-encoder baseline")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {device_and_threads()}")
+    for name, path in REPO_CONFIGS.items():
+        model, config = model_for(path, device)
+        model.eval()
+        rates = {}
+        for steps in map(int, args.steps.split(",")):
+            r = measure(model, config, BATCH[name], steps, args.repeats, device)
+            rates[steps] = r["images_per_s"]
+            report(name, BATCH[name], steps, r)
+        first, last = min(rates), max(rates)
+        print(f"{name:30s} images/s at {last} steps / at {first} steps: {rates[last] / rates[first]:.2f}")
+        if args.baseline_steps:
+            images = torch.randn(BATCH[name], 3, config.data.image_size, config.data.image_size, device=device)
+            ours = measure(model, config, BATCH[name], args.baseline_steps, args.repeats, device)["images_per_s"]
+            theirs = baseline_images_per_s(model, images, args.baseline_steps, args.repeats)
+            print(f"{name:30s} steps {args.baseline_steps}: encoder once {ours:.2f} images/s vs encoder every step "
+                  f"{theirs:.2f} images/s: {ours / theirs:.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
