@@ -62,6 +62,8 @@ def launch(kind: str, arguments: dict, run_dir: Path, options, dry_run: bool, wa
                   f"follow it with: diffmic status {run_dir}   (or tail -f {record['log_dir']}/*_0_log.out)",
                   highlight=False)
     if wait:
+        if options.local:
+            submitted.wait()  # the local tasks are this process's children: wait on them directly
         wait_for(record, run_dir)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -183,6 +184,8 @@ def submit(job: DistributedJob, options: SlurmOptions, run_dir: Path, job_name: 
     record = {"job_id": submitted.job_id, "kind": job.kind, "log_dir": str(log_dir / str(submitted.job_id)),
               "folder": str(log_dir), "local": options.local, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "options": asdict(options)}
+    if options.local:  # lets `diffmic status` tell a running local job from a dead one
+        record["pid"] = submitted._process.pid
     path = run_dir / JOB_FILE.format(kind=job.kind)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(record, indent=2))
@@ -204,10 +207,37 @@ def job_state(record: dict) -> str:
     import submitit
 
     if record.get("local"):
-        job = submitit.local.local.LocalJob(folder=record["folder"] + "/%j", job_id=record["job_id"])
-        return job.state
+        return _local_state(record)
     # Accounting can say RUNNING for a moment after the end: read the state anew each call.
     return submitit.SlurmJob(folder=record["folder"] + "/%j", job_id=record["job_id"]).state.split()[0]
+
+
+def _local_state(record: dict) -> str:
+    """A local job seen from another process (submitit only knows the state of its own children):
+    COMPLETED once every task left a successful result, FAILED on an error result or a dead job."""
+    tasks = record["options"]["nodes"] * SlurmOptions(**record["options"]).tasks()
+    results = sorted(Path(record["log_dir"]).glob("*_result.pkl"))
+    outcomes = []
+    for path in results:
+        with open(path, "rb") as handle:  # written by submitit inside our own job
+            outcomes.append(pickle.load(handle)[0])
+    if any(outcome != "success" for outcome in outcomes):
+        return "FAILED"
+    if len(outcomes) >= tasks:
+        return "COMPLETED"
+    return "RUNNING" if _alive(record.get("pid", 0)) else "FAILED"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def job_logs(record: dict) -> list[Path]:
