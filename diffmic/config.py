@@ -339,17 +339,39 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("", f"config file {path} does not exist; pass --config with a file from configs/")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError("", f"{path} is not valid YAML: {error}") from None
+    """Reads a YAML config (or the defaults when `path` is None) and applies dotted overrides.
+
+    A config may start from another one: `base: ../ham10000.yaml` (relative to the file) loads that
+    file first and lays this file's sections over it, key by key.
+    """
+    values = _read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def _read_yaml(path: Path, children: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist; pass --config with a file from configs/")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError("", f"{path} must hold sections (data:, model:, ...), not a {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in children + (path.resolve(),):
+        raise ConfigError("base", f"{path} names {base_path} as its base, which leads back to itself")
+    return _merge(_read_yaml(base_path, children + (path.resolve(),)), values)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def dump_config(config: Config) -> str:

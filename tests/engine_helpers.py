@@ -19,11 +19,14 @@ TINY = ["data.image_size=32", "model.dcg.k=1", "model.denoiser.feature_dim=64", 
         "diffusion.noise_draws=2"]
 
 
-def shard_digits(out: Path, size: int = 32, shard_size: int = 150, test_fraction: float = 0.5) -> Path:
+def shard_digits(out: Path, size: int = 32, shard_size: int = 150, test_fraction: float = 0.5,
+                 val_fraction: float = 0.5) -> Path:
+    """Digits shards for the engine tests: by default 449 train images (14 batches of 32), so a TINY run
+    is 14 warm-up + 14 joint steps; 449 validation and 899 test images."""
     from diffmic.data import ShardOptions, shard_dataset
 
     shard_dataset(ShardOptions(dataset="digits", out=out, size=size, shard_size=shard_size, workers=1,
-                               test_fraction=test_fraction))
+                               test_fraction=test_fraction, val_fraction=val_fraction))
     return out
 
 

@@ -85,3 +85,24 @@ def test_readme_configuration_reference_matches_the_code():
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     documented = readme[readme.index(start) + len(start):readme.index(end)].strip()
     assert documented == reference_table(), "README's configuration reference is stale: paste `python -m diffmic.config`"
+
+
+def test_a_config_extends_its_base_key_by_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("data: {image_size: 64, num_classes: 10}\nmodel: {dcg: {k: 2}}\n"
+                                      "train: {lr: 0.002, epochs: 5}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {epochs: 7}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.data.image_size, config.train.lr, config.train.epochs) == (64, 0.002, 7)
+    (tmp_path / "base.yaml").write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_reference_and_ablation_configs_change_only_their_knobs():
+    paper, reference = load_config("configs/ham10000.yaml"), load_config("configs/reference/ham10000.yaml")
+    assert (reference.model.dcg.crop_channels, reference.eval.sampler, reference.train.select_split,
+            reference.eval.use_ema, reference.train.dcg_warmup_epochs) == ("first", "truncated", "test", False, 15)
+    assert reference.model.dcg.backbone == paper.model.dcg.backbone and reference.train.lr == paper.train.lr
+    for variant in ("basic", "c1", "c2"):
+        ablation = load_config(f"configs/ablations/ham10000-{variant}.yaml")
+        assert ablation.model.variant == variant and ablation.train == paper.train

@@ -22,7 +22,7 @@ BUDGET_S = 180
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_full_diffmic_reaches_85_percent_on_digits_within_three_minutes(tmp_path):
-    shards = shard_digits(tmp_path / "digits", size=32, shard_size=256, test_fraction=0.3)
+    shards = shard_digits(tmp_path / "digits", size=32, shard_size=256, test_fraction=0.3, val_fraction=0.1)
     run = tmp_path / "run"
     started = time.monotonic()
     diffmic(["train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(shards), "--run-dir",

@@ -19,8 +19,14 @@ CPU_JOB = ["--gpus", "0", "--tasks-per-node", "2", "--time", "00:15:00"]
 pytestmark = pytest.mark.timeout(900)
 
 
+# No warm-up and 8 joint steps of 2 x 8 images (an epoch is 28): long enough to preempt mid-run (it is
+# sent after the first logged step), short enough for CI, where the two tasks share two cores.
+SLURM_STEPS = 8
+SLURM_TRAINING = TINY + ["train.dcg_warmup_epochs=0", f"train.max_steps={SLURM_STEPS}", "train.batch_size=8"]
+
+
 def overrides(*extra: str) -> list[str]:
-    return [item for override in TINY + list(extra) for item in ("--set", override)]
+    return [item for override in SLURM_TRAINING + list(extra) for item in ("--set", override)]
 
 
 def train_job(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=()) -> subprocess.CompletedProcess:
@@ -58,7 +64,7 @@ def test_a_two_task_training_job_completes_with_checkpoint_and_metrics(slurm_tra
     assert job_state(entry) == "COMPLETED"
     run = json.loads((slurm_training / "run.json").read_text())
     assert run["world_size"] == 2
-    assert ckpt.find_checkpoint(slurm_training, "last").step > 0
+    assert ckpt.find_checkpoint(slurm_training, "last").step == SLURM_STEPS
     rows = [json.loads(line) for line in (slurm_training / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in row for row in rows) and any(row.get("split") == "val" for row in rows)
     logs = list(Path(entry["log_dir"]).glob("*_log.out"))
@@ -98,6 +104,8 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_tr
     restarts = subprocess.run(["scontrol", "show", "job", entry["job_id"]], capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts or "Restarts=" not in restarts  # accounting may have forgotten the job
     assert "signal at step" not in metrics.read_text()  # the run logged on as usual after the resume
+    rank0_logs = "".join(path.read_text() for path in Path(entry["log_dir"]).glob(f"{entry['job_id']}_0_log.*"))
+    assert "resumed from" in rank0_logs  # the requeued job continued from the checkpoint saved on the signal
     assert ckpt.find_checkpoint(run_dir, "last").step == ckpt.find_checkpoint(slurm_training, "last").step
 
 

@@ -136,7 +136,9 @@ def make_executor(options: SlurmOptions, log_dir: Path, job_name: str):
     if not options.local and not slurm_available():
         raise SlurmError("--slurm needs Slurm, but `sbatch` is not on this machine's PATH; run on a login node "
                          "of your cluster, or use --local to run the same job here through submitit")
-    executor = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster="local" if options.local else "slurm")
+    # Preemption sends SIGUSR2 ahead of the kill; submitit requeues within --max-requeues timeouts.
+    executor = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster="local" if options.local else "slurm",
+                                     slurm_max_num_timeout=options.max_requeues)
     tasks = options.tasks()
     cpus = options.cpus_per_task or (8 if options.gpus else 1)
     parameters = {"nodes": options.nodes, "tasks_per_node": tasks, "cpus_per_task": cpus,
@@ -149,8 +151,6 @@ def make_executor(options: SlurmOptions, log_dir: Path, job_name: str):
         extra = {"partition": options.partition, "account": options.account, "qos": options.qos,
                  "constraint": options.constraint, "exclude": options.exclude}
         parameters.update({f"slurm_{key}": value for key, value in extra.items() if value})
-        # Preemption sends SIGUSR2 ahead of the kill; submitit requeues within --max-requeues timeouts.
-        parameters["slurm_max_num_timeout"] = options.max_requeues
         parameters["slurm_signal_delay_s"] = 120
     executor.update_parameters(**parameters)
     return executor
