@@ -1,7 +1,7 @@
 """Images/s of `DiffMIC.predict` for 10, 100 and 1000 reverse steps, split into the seconds spent in
 the image encoder + guidance model (once per image) and in the reverse steps (the denoiser's MLP only).
 
-    python benchmarks/sampling.py [--steps 10,100,1000] [--repeats 2]
+    python benchmarks/sampling.py [--steps 10,100,1000] [--repeats 2] [--batch 256 --amp bf16]   (the last two for a GPU)
 
 The encoder + DCG seconds should stay flat as the steps grow; the reverse seconds grow by about one
 small MLP pass per step.
@@ -10,15 +10,21 @@ small MLP pass per step.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import torch
 
-from timing import REPO_CONFIGS, PartTimer, device_and_threads, model_for, timed
+from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 4, "digits (64 px, C=10)": 64}
 
 
-def measure(model, config, batch: int, steps: int, repeats: int, device) -> dict:
+def measure(model, config, batch: int, steps: int, repeats: int, device, precision=None) -> dict:
+    with precision or nullcontext():
+        return _measure(model, config, batch, steps, repeats, device)
+
+
+def _measure(model, config, batch: int, steps: int, repeats: int, device) -> dict:
     images = torch.randn(batch, 3, config.data.image_size, config.data.image_size, device=device)
     timer = PartTimer({"encoder+dcg": model.guide, "encoder": model.denoiser.encoder})
     model.predict(images, steps=min(steps, 5), sampler="respaced")  # warm-up
@@ -45,15 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="10,100,1000")
     parser.add_argument("--repeats", type=int, default=2)
+    add_device_options(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {device_and_threads()}")
+    print(f"device: {device_and_threads(args)}")
     for name, path in REPO_CONFIGS.items():
-        model, config = model_for(path, device)
+        model, config = model_for(path, device, args)
         model.eval()
+        batch = batch_for(name, BATCH, args)
         for steps in map(int, args.steps.split(",")):
-            r = measure(model, config, BATCH[name], steps, args.repeats, device)
-            report(name, BATCH[name], steps, r)
+            report(name, batch, steps, measure(model, config, batch, steps, args.repeats, device, autocast(args, device)))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -60,13 +61,39 @@ def timed():
     box["seconds"] = time.perf_counter() - box["start"]
 
 
-def model_for(config_path: str, device: torch.device, **overrides):
+def model_for(config_path: str, device: torch.device, args: argparse.Namespace | None = None, **overrides):
     config = load_config(config_path, [f"{k}={v}" for k, v in overrides.items()])
     torch.manual_seed(0)
-    return build_model(config).to(device), config
+    model = build_model(config).to(device)
+    if args is not None and args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, config
 
 
-def device_and_threads() -> str:
+def device_and_threads(args: argparse.Namespace | None = None) -> str:
+    amp = f", autocast {args.amp}" if args is not None and args.amp != "no" else ""
+    amp += ", channels_last weights" if args is not None and args.channels_last else ""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU, {torch.get_num_threads()} threads"
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}{amp}"
+    return f"CPU, {torch.get_num_threads()} threads{amp}"
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--batch and --amp: a GPU wants larger batches and bf16 to show its real throughput."""
+    parser.add_argument("--batch", type=int, default=0, help="batch size for every config (default: per config)")
+    parser.add_argument("--amp", choices=["no", "bf16", "fp16"], default="no",
+                        help="autocast dtype, as train.mixed_precision (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="store conv weights channels_last too (the package keeps them contiguous)")
+
+
+def batch_for(name: str, defaults: dict[str, int], args: argparse.Namespace) -> int:
+    return args.batch or defaults[name]
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    if args.amp == "no":
+        return nullcontext()
+    if device.type != "cuda":
+        raise SystemExit(f"--amp {args.amp} needs a GPU: the CPU here has no fast {args.amp} kernels")
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])

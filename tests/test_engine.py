@@ -134,3 +134,19 @@ def test_short_forms_pick_the_config_and_shards(tmp_path, monkeypatch):
         resolve_inputs(None, None, None)
     with pytest.raises(UserError, match="no config configs/nope.yaml"):
         resolve_inputs(None, "nope", None)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
+def test_deepspeed_keeps_fp32_weights_and_autocasts_like_ddp(precision):
+    # DeepSpeed's own bf16 mode casts weights and BatchNorm statistics and rejects fp32 images (seen on an
+    # H200); torch_autocast gives the numerics of DDP + autocast.
+    from diffmic.config import TrainConfig
+    from diffmic.engine.distributed import deepspeed_config
+
+    values = deepspeed_config(TrainConfig(batch_size=16, grad_accum=2, grad_clip=0.5), precision)
+    assert values["bf16"]["enabled"] is False and values["fp16"]["enabled"] is False
+    assert values["torch_autocast"]["enabled"] is (precision != "no")
+    if precision != "no":
+        assert values["torch_autocast"]["dtype"] == precision
+    assert (values["train_micro_batch_size_per_gpu"], values["gradient_accumulation_steps"],
+            values["gradient_clipping"]) == (16, 2, 0.5)

@@ -45,10 +45,17 @@ def run_command(application: typer.Typer) -> None:
     except (typer.Abort, KeyboardInterrupt):
         error_console.print("aborted")
         sys.exit(130)
-    except Exception as error:  # click's usage errors carry their own exit code and message
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:
+        if _is_usage_error(error):
             error.show()
             sys.exit(error.exit_code)
         raise
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """Click's usage errors (unknown option, extra argument) carry their own message and exit code. Typer
+    >= 0.22 raises them from its own copy of click, so both families are checked."""
+    import click
+
+    families = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+    return isinstance(error, families) and hasattr(error, "show") and hasattr(error, "exit_code")

@@ -55,8 +55,12 @@ def deepspeed_config(train: TrainConfig, precision: str) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         # DeepSpeed clips all parameters together: the denoiser's clip applies to the DCG too.
         "gradient_clipping": train.grad_clip,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {**values.get("fp16", {}), "enabled": precision == "fp16"},
+        # DeepSpeed's own bf16/fp16 modes cast weights, buffers and BatchNorm statistics to half precision
+        # and want half-precision inputs. Its torch_autocast mode keeps fp32 weights and autocasts the
+        # forward, as Accelerate does under DDP: both engines then train with the same numerics.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": precision != "no", "dtype": precision if precision != "no" else "bf16"},
         # Our Adam is torch's (two parameter groups); DeepSpeed's fused Adam would need a compile.
         "zero_allow_untested_optimizer": True,
     })
@@ -93,3 +97,23 @@ def make_accelerator(train: TrainConfig, gradient_accumulation: bool = True):
     return Accelerator(mixed_precision=precision, cpu=not on_gpu and plugin is None, kwargs_handlers=handlers,
                        gradient_accumulation_steps=train.grad_accum if gradient_accumulation else 1,
                        deepspeed_plugin=plugin)
+
+
+def training_precision(accelerator) -> str:
+    """"no", "bf16" or "fp16" as the forward really runs: under DeepSpeed the autocast is its torch_autocast
+    section, and Accelerate's own flag then reads "no"."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return accelerator.mixed_precision
+    autocast = plugin.deepspeed_config.get("torch_autocast", {})
+    return str(autocast.get("dtype", "bf16")) if autocast.get("enabled") else "no"
+
+
+def forward_autocast(accelerator):
+    """The autocast context factory for forwards outside the training step (validation). Accelerate's own
+    is a no-op under DeepSpeed, whose engine autocasts only its own forward."""
+    precision = training_precision(accelerator)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is None or precision == "no":
+        return accelerator.autocast
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(accelerator.device.type, dtype=dtype)

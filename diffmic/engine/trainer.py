@@ -26,7 +26,7 @@ from ..evaluation.inference import check_keys, gather_predictions, predict_batch
 from ..evaluation.metrics import classification_metrics, selection_score
 from ..models import build_model
 from . import checkpoint as ckpt
-from .distributed import make_accelerator
+from .distributed import forward_autocast, make_accelerator, training_precision
 from .optim import ExponentialMovingAverage, build_optimizer, clip_group_gradients, set_learning_rates
 from .rundir import MetricsLog, write_run_files
 
@@ -136,11 +136,12 @@ class Trainer:
     def prepare_run(self) -> None:
         acc = self.accelerator
         global_batch = self.train_cfg.batch_size * self.world * self.train_cfg.grad_accum
-        precision = "fp32" if acc.mixed_precision == "no" else acc.mixed_precision
+        mixed_precision = training_precision(acc)
+        precision = "fp32" if mixed_precision == "no" else mixed_precision
         if self.is_main:
             facts = {"world_size": self.world, "global_batch": global_batch,
                      "batch_per_device": self.train_cfg.batch_size, "grad_accum": self.train_cfg.grad_accum,
-                     "mixed_precision": acc.mixed_precision, "distributed": acc.distributed_type.value,
+                     "mixed_precision": mixed_precision, "distributed": acc.distributed_type.value,
                      "steps_per_epoch": self.steps_per_epoch, "select_split": self.select_split}
             self.provenance = write_run_files(self.run_dir, self.config, self.manifest, facts)
             ckpt.remove_partials(self.run_dir)
@@ -318,7 +319,7 @@ class Trainer:
         with ema:
             local = predict_batches(self.module, loader, acc.device, self.train_cfg.seed, eval_cfg.steps,
                                     eval_cfg.sampler, eval_cfg.n_samples, eval_cfg.aggregate,
-                                    autocast=acc.autocast)
+                                    autocast=forward_autocast(acc))
         predictions = gather_predictions(local, acc)
         check_keys(predictions, self.manifest.split_info(split).keys, split)
         metrics = classification_metrics(predictions.labels, predictions.probs, class_names=self.manifest.classes)
