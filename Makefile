@@ -25,9 +25,11 @@ test: install
 # The whole path on the CPU: shard scikit-learn's digits, train DiffMIC, evaluate with 2 processes.
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_RUN ?= runs/demo-$(DEMO_STAMP)
+DEMO_SHARDS ?= shards/digits
+DEMO_SET ?=
 demo: install
-	$(PY) -m diffmic shard --dataset digits --overwrite
-	$(PY) -m diffmic train --config configs/digits.yaml --run-dir $(DEMO_RUN)
+	$(PY) -m diffmic shard --dataset digits --out $(DEMO_SHARDS) --overwrite
+	$(PY) -m diffmic train --config configs/digits.yaml --shards $(DEMO_SHARDS) --run-dir $(DEMO_RUN) $(DEMO_SET)
 	ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
 		--num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port $(FREE_PORT) \
 		-m diffmic eval --run $(DEMO_RUN) --out $(DEMO_RUN)/eval/test

@@ -48,7 +48,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks `value` against the annotation `tp`; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        _require(value in typing.get_args(tp), key, f"got {value!r}, expected {_type_name(tp)}")
+        if value is False and "no" in typing.get_args(tp):
+            value = "no"  # YAML 1.1 reads an unquoted `no` (also in --set key=no) as false
+        _require(value in typing.get_args(tp) and not isinstance(value, bool), key,
+                 f"got {value!r}, expected {_type_name(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)

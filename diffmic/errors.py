@@ -11,3 +11,7 @@ class CheckpointError(ValueError):
 
 class SlurmError(RuntimeError):
     """Slurm is missing, a job could not be submitted, or a submitted job failed."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""

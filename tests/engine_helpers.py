@@ -76,6 +76,29 @@ def diffmic(args: list[str], timeout: int = 600, cwd: Path = REPO, check: bool =
     return result
 
 
+def diffmic_here(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`diffmic ARGS` inside this process: the console script's entry point, exit status and output,
+    without the ~6 s of imports a new interpreter pays (torch, torchvision, scikit-learn, matplotlib)."""
+    import contextlib
+    import io
+
+    from diffmic.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    previous_argv, previous_cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = ["diffmic", *args]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        sys.argv = previous_argv
+        os.chdir(previous_cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def model_weights(checkpoint: Path) -> dict:
     import torch
 

@@ -36,6 +36,13 @@ def test_dotted_overrides_keep_their_types():
     assert config.train.mixed_precision == "fp16" and config.train.ema is False
 
 
+def test_an_unquoted_no_means_the_choice_no():
+    # `--set train.mixed_precision=no` is what users type; YAML 1.1 reads it as false.
+    assert load_config("configs/ham10000.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="eval.sampler"):
+        load_config("configs/ham10000.yaml", ["eval.sampler=no"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.dcg.k=0", "model.dcg.k"),
     ("model.dcg.k=many", "model.dcg.k"),

@@ -12,7 +12,8 @@ import pytest
 from diffmic.cli.train import resolve_inputs
 from diffmic.cli.common import UserError
 from diffmic.engine import checkpoint as ckpt
-from engine_helpers import REPO, TINY, accelerate_launch, diffmic, finish, model_weights, start_training
+from engine_helpers import (REPO, TINY, accelerate_launch, diffmic, diffmic_here, finish, model_weights,
+                            shard_digits, start_training)
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 pytestmark = pytest.mark.timeout(900)
@@ -103,19 +104,28 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(digits_shar
 def test_a_checkpoint_of_another_config_is_refused_with_a_clear_message(digits_shards, tiny_run, tmp_path):
     copy = tmp_path / "run"
     subprocess.run(["cp", "-r", str(tiny_run), str(copy)], check=True)
-    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(copy),
-                      *[x for o in TINY + ["model.denoiser.feature_dim=32"] for x in ("--set", o)]], check=False)
+    result = diffmic_here(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(copy),
+                           *[x for o in TINY + ["model.denoiser.feature_dim=32"] for x in ("--set", o)]])
     assert result.returncode == 2
     assert "another configuration" in result.stderr and "model.denoiser.feature_dim" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(digits_shards, tmp_path):
-    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(tmp_path / "r"),
-                      "--no-progress", *[x for o in TINY + ["train.dcg_lr=1e12", "train.dcg_amsgrad=false"]
-                                         for x in ("--set", o)]], check=False)
-    assert result.returncode != 0
-    assert "non-finite at step" in result.stderr + result.stdout
+    result = diffmic_here(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir",
+                           str(tmp_path / "r"), "--no-progress",
+                           *[x for o in TINY + ["train.dcg_lr=1e12", "train.dcg_amsgrad=false"] for x in ("--set", o)]])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "non-finite at step" in result.stderr
+
+
+def test_shards_without_a_validation_split_are_refused_before_training(tmp_path):
+    shards = shard_digits(tmp_path / "shards", val_fraction=0.0)
+    result = diffmic_here(["train", "--config", CONFIG, "--shards", str(shards), "--run-dir", str(tmp_path / "r"),
+                           "--no-progress", *[x for o in TINY for x in ("--set", o)]])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no 'val' split" in result.stderr and "--val-fraction" in result.stderr
+    assert not list((tmp_path / "r").glob("checkpoints/step-*"))
 
 
 def test_short_forms_pick_the_config_and_shards(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffmic.data import read_manifest
-from engine_helpers import REPO, accelerate_launch, diffmic
+from engine_helpers import REPO, accelerate_launch, diffmic, diffmic_here
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -76,7 +76,8 @@ def test_predict_on_a_folder_of_five_images_gives_five_rows(tiny_run, tmp_path):
     for i in range(5):
         Image.new("RGB", (40 + i, 30), (20 * i, 0, 0)).save(folder / f"image{i}.png")
     out = tmp_path / "predicted.csv"
-    result = diffmic(["predict", "--run", str(tiny_run), "--checkpoint", "last", "--out", str(out), str(folder)])
+    result = diffmic_here(["predict", "--run", str(tiny_run), "--checkpoint", "last", "--out", str(out), str(folder)])
+    assert result.returncode == 0, result.stderr
     rows = read_csv(out)
     assert len(rows) == 5 and {row["file"] for row in rows} == {str(folder / f"image{i}.png") for i in range(5)}
     assert all(abs(sum(float(row[f"prob_{c}"]) for c in "0123456789") - 1) < 1e-4 for row in rows)
@@ -112,7 +113,7 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
         args = ["predict", "--run", str(run), "--checkpoint", "last", "--out", str(tmp_path / "p.csv"),
                 str(tmp_path / "broken.png")]
-    result = diffmic(args, check=False)
+    result = diffmic_here(args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "p.csv").exists()

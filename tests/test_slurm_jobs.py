@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from diffmic.engine import checkpoint as ckpt
-from engine_helpers import REPO, TINY, diffmic
+from engine_helpers import REPO, TINY, diffmic, diffmic_here
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 CPU_JOB = ["--gpus", "0", "--tasks-per-node", "2", "--time", "00:15:00"]
@@ -130,9 +130,10 @@ def test_local_executor_runs_the_same_evaluation_without_slurm(tiny_run, tmp_pat
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(digits_shards, tmp_path):
-    result = diffmic(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir", str(tmp_path / "r"),
-                      "--slurm", "--gpus", "4", "--nodes", "2", "--partition", "gpu", "--account", "lab",
-                      "--time", "1-00:00:00", "--dry-run"])
+    result = diffmic_here(["train", "--config", CONFIG, "--shards", str(digits_shards), "--run-dir",
+                           str(tmp_path / "r"), "--slurm", "--gpus", "4", "--nodes", "2", "--partition", "gpu",
+                           "--account", "lab", "--time", "1-00:00:00", "--dry-run"])
+    assert result.returncode == 0, result.stderr
     for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                      "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=1440", "nothing was submitted"):
         assert expected in result.stdout

@@ -6,11 +6,12 @@ import typer
 
 from .. import __version__
 from .common import app, run_command
-from . import model as _model  # noqa: F401  (registers model-summary)
-from . import data as _data  # noqa: F401
+# Imported in the order `diffmic --help` lists the commands: the user's path first.
+from . import data as _data  # noqa: F401  (shard, verify, info)
 from . import train as _train  # noqa: F401
-from . import evaluate as _evaluate  # noqa: F401
-from . import launch as _launch  # noqa: F401
+from . import evaluate as _evaluate  # noqa: F401  (eval, predict)
+from . import status as _status  # noqa: F401
+from . import model as _model  # noqa: F401  (model-summary)
 
 
 def _version(value: bool) -> None:
@@ -24,7 +25,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit.")) -> None:
     """DiffMIC: dual-guidance diffusion for medical image classification.
 
-    The usual path: `diffmic shard` a dataset, `diffmic train` on the shards, `diffmic eval` the run.
+    The usual path: shard a dataset, train on the shards, evaluate the run:
+      diffmic shard --dataset ham10000          (reads data/ham10000, writes shards/ham10000)
+      diffmic train --dataset ham10000          (configs/ham10000.yaml; writes runs/ham10000-<time>)
+      diffmic eval --run runs/ham10000-<time>
+
+    `diffmic COMMAND -h` shows each command's options and examples.
     """
 
 

@@ -8,14 +8,13 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..errors import CheckpointError, PretrainedWeightsError, SlurmError
+from ..errors import CheckpointError, NonFiniteLossError, PretrainedWeightsError, SlurmError
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
-CONFIG_OPTION = typer.Option(..., "--config", "-c", help="Experiment YAML, e.g. configs/ham10000.yaml.")
 SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
 error_console = Console(stderr=True)
 
@@ -27,7 +26,7 @@ class UserError(Exception):
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 SlurmError)
+                                                 SlurmError, NonFiniteLossError)
 
 
 def run_command(application: typer.Typer) -> None:

@@ -22,7 +22,8 @@ def _progress_bar() -> Progress:
 def shard(
     dataset: str = typer.Option(..., "--dataset", "-d", help=f"Source layout: {LAYOUTS}."),
     root: Path = typer.Option(None, "--root", help="The download's folder (a .pkl/.npz file for pkl/medmnist). "
-                                                   "Default: data/<name>."),
+                                                   "Default: data/<dataset>, data/<name> for "
+                                                   "imagefolder/pkl/medmnist."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: shards/<name>."),
     name: str = typer.Option(None, "--name", help="Dataset name in the manifest and default paths. Default: the "
                                                   "--out folder's name, else the layout."),
@@ -47,7 +48,11 @@ def shard(
 ) -> None:
     """Turn a downloaded dataset into WebDataset shards with a manifest.
 
-    Example: diffmic shard --dataset ham10000   (reads data/ham10000, writes shards/ham10000)
+    Examples:
+      diffmic shard --dataset ham10000   (reads data/ham10000, writes shards/ham10000)
+      diffmic shard --dataset aptos2019 --size 384
+      diffmic shard --dataset imagefolder --root data/pmg2000 --out shards/pmg2000
+      diffmic shard --dataset ham10000 --split-from train.pkl --split-from test.pkl   (the authors' split)
     """
     from ..data import ShardOptions, shard_dataset
 
@@ -72,6 +77,8 @@ def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic 
     """Re-read every shard: sha256, sizes, sample counts, keys, labels, and that every image decodes.
 
     Names each problem and exits non-zero when anything is wrong.
+
+    Example: diffmic verify shards/ham10000
     """
     from ..data import ManifestError, read_manifest, verify_shards
 
@@ -93,7 +100,10 @@ def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic 
 
 @app.command("info")
 def info(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic shard.")) -> None:
-    """Print the classes and per-split counts of a shard folder."""
+    """Print the classes and per-split counts of a shard folder.
+
+    Example: diffmic info shards/ham10000
+    """
     from ..data import read_manifest
 
     manifest = read_manifest(shard_dir)

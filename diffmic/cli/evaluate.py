@@ -41,7 +41,7 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint on a split: metrics.json, predictions.csv, confusion_matrix.png, trajectory.png.
 
-    Runs on one process or shards the sampling over many:
+    Runs on one process or shards the sampling over many. Examples:
       diffmic eval --run runs/digits-1
       accelerate launch --num_processes 8 -m diffmic eval --run runs/ham-1 --steps 250
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)

@@ -1,4 +1,4 @@
-"""The Slurm side of `diffmic train` and `diffmic eval` (--slurm, --local, --dry-run), and `diffmic status`."""
+"""The Slurm side of `diffmic train` and `diffmic eval` (--slurm, --local, --dry-run)."""
 
 from __future__ import annotations
 
@@ -76,35 +76,3 @@ def wait_for(record: dict, run_dir: Path, poll: float = 5.0) -> None:
         raise UserError(f"job {record['job_id']} ended {state}; see its logs in {record['log_dir']} "
                         f"(diffmic status {run_dir})")
     console.print(f"job {record['job_id']} {state}", highlight=False)
-
-
-@app.command("status")
-def status_command(run: Path = typer.Argument(..., help="Run folder of a job submitted with --slurm.")) -> None:
-    """Show the state of a run's Slurm jobs and its last logged metrics; non-zero exit if a job failed.
-
-    Example: diffmic status runs/ham10000-20261125-101500
-    """
-    from ..engine.rundir import read_metrics
-    from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
-
-    records = job_records(run)
-    failed = []
-    for record in records:
-        state = job_state(record)
-        console.print(f"{record['kind']} job {record['job_id']}: [bold]{state}[/]  logs {record['log_dir']}",
-                      highlight=False)
-        if state not in UNFINISHED and state not in FINISHED_OK:
-            failed.append(f"{record['kind']} job {record['job_id']} {state} (logs in {record['log_dir']})")
-    rows = read_metrics(run)
-    training = [row for row in rows if "loss" in row]
-    validation = [row for row in rows if "split" in row]
-    if training:
-        last = training[-1]
-        console.print(f"last step {last['step']} (epoch {last['epoch']}, {last['phase']}): loss {last['loss']:.4f}, "
-                      f"{last['images_per_s']:.1f} images/s", highlight=False)
-    if validation:
-        last = validation[-1]
-        console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
-                      f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
-    if failed:
-        raise UserError("; ".join(failed))

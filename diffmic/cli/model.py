@@ -7,18 +7,27 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import CONFIG_OPTION, SET_OPTION, app, console
+from .common import SET_OPTION, UserError, app, console
 
 
 @app.command("model-summary")
-def model_summary(config: Path = CONFIG_OPTION, overrides: list[str] = SET_OPTION) -> None:
+def model_summary(
+    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML. Default: configs/<dataset>.yaml."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml."),
+    overrides: list[str] = SET_OPTION,
+) -> None:
     """Print the parameter count of every part of the model a config builds.
 
-    Example: diffmic model-summary --config configs/ham10000.yaml
+    Examples:
+      diffmic model-summary --config configs/ham10000.yaml
+      diffmic model-summary --dataset aptos2019 --set model.variant=basic
     """
     from ..config import load_config
     from ..models import build_model
 
+    if config is None and dataset is None:
+        raise UserError("pass --config FILE or --dataset NAME (configs/NAME.yaml)")
+    config = config or Path("configs") / f"{dataset}.yaml"
     cfg = load_config(config, overrides or [])
     model = build_model(cfg)
     table = Table(title=f"{config} (variant {cfg.model.variant}, {cfg.data.num_classes} classes, "

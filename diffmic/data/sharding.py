@@ -47,7 +47,7 @@ class ShardOptions:
     """What `diffmic shard` was asked for; None means the documented default."""
 
     dataset: str
-    root: Path | None = None  # default data/<name>; unused for digits
+    root: Path | None = None  # default data/<dataset> (ham10000, aptos2019), else data/<name>; unused for digits
     out: Path | None = None  # default shards/<name>
     name: str | None = None  # default: the --out folder's name, else the dataset
     size: int | None = None  # default 224 (64 for digits)
@@ -72,7 +72,10 @@ class ShardOptions:
         if self.dataset == "digits" and self.root is not None:
             raise ShardError("--root does not apply to digits: they ship with scikit-learn")
         if self.dataset != "digits":
-            self.root = Path(self.root) if self.root else Path("data") / self.name
+            # A named dataset's download has its own folder whatever --out says; a generic layout
+            # (imagefolder, pkl, medmnist) is found by the dataset's name.
+            default_root = Path("data") / (self.dataset if self.dataset in FIXED_CLASSES else self.name)
+            self.root = Path(self.root) if self.root else default_root
         self.size = self.size or (64 if self.dataset == "digits" else 224)
         if self.test_fraction is None:
             self.test_fraction = DEFAULT_TEST_FRACTION[self.dataset]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..errors import NonFiniteLossError
 from ..data import eval_loader, read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
@@ -31,10 +32,6 @@ from .optim import ExponentialMovingAverage, build_optimizer, clip_group_gradien
 from .rundir import MetricsLog, write_run_files
 
 LOSS_KEYS = ("loss", "denoiser_loss", "mse", "mmd", "guide_loss")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -111,6 +108,11 @@ class Trainer:
         self.micro_batches = self.steps_per_epoch * self.train_cfg.grad_accum
         self.total_epochs = self.train_cfg.dcg_warmup_epochs + self.train_cfg.epochs
         self.select_split = self.train_cfg.select_split
+        if self.train_cfg.val_every and self.select_split not in self.manifest.splits:
+            # Found now, not after the first epochs: a small dataset can round its val share to nothing.
+            raise ConfigError("train.select_split", f"{self.shard_dir} has no '{self.select_split}' split to "
+                              f"validate on (splits: {', '.join(self.manifest.splits)}); re-shard with a larger "
+                              f"--val-fraction, or set train.val_every=0")
         from accelerate.utils import set_seed
 
         set_seed(self.train_cfg.seed)

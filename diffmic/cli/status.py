@@ -1,0 +1,50 @@
+"""`diffmic status`: the Slurm jobs of a run and its last metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import UserError, app, console
+
+
+@app.command("status")
+def status_command(
+    run_argument: Path = typer.Argument(None, metavar="RUN", help="Run folder of a job submitted with --slurm."),
+    run_option: Path = typer.Option(None, "--run", help="The same, spelt as in eval and predict."),
+) -> None:
+    """Show the state of a run's Slurm jobs and its last logged metrics; non-zero exit if a job failed.
+
+    Examples:
+      diffmic status runs/ham10000-20261125-101500
+      diffmic status --run runs/ham10000-20261125-101500
+    """
+    from ..engine.rundir import read_metrics
+    from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
+
+    if (run_argument is None) == (run_option is None):
+        raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
+    run = run_argument or run_option
+
+    records = job_records(run)
+    failed = []
+    for record in records:
+        state = job_state(record)
+        console.print(f"{record['kind']} job {record['job_id']}: [bold]{state}[/]  logs {record['log_dir']}",
+                      highlight=False)
+        if state not in UNFINISHED and state not in FINISHED_OK:
+            failed.append(f"{record['kind']} job {record['job_id']} {state} (logs in {record['log_dir']})")
+    rows = read_metrics(run)
+    training = [row for row in rows if "loss" in row]
+    validation = [row for row in rows if "split" in row]
+    if training:
+        last = training[-1]
+        console.print(f"last step {last['step']} (epoch {last['epoch']}, {last['phase']}): loss {last['loss']:.4f}, "
+                      f"{last['images_per_s']:.1f} images/s", highlight=False)
+    if validation:
+        last = validation[-1]
+        console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
+                      f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
+    if failed:
+        raise UserError("; ".join(failed))
