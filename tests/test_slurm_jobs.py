@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(900)
 # No warm-up and 8 joint steps of 2 x 8 images (an epoch is 28): long enough to preempt mid-run (it is
 # sent after the first logged step), short enough for CI, where the two tasks share two cores.
 SLURM_STEPS = 8
+PREEMPT_STEPS = 40
 SLURM_TRAINING = TINY + ["train.dcg_warmup_epochs=0", f"train.max_steps={SLURM_STEPS}", "train.batch_size=8"]
 
 
@@ -85,18 +86,20 @@ def test_slurm_eval_gives_the_same_predictions_as_a_local_eval(slurm_training, t
 
 
 @pytest.mark.slurm
-def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_training, digits_shards, tmp_path):
+def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cluster, digits_shards, tmp_path):
     import submitit
 
     run_dir = tmp_path / "run"
-    train_job(run_dir, digits_shards)
+    # Longer than the fixture's run, so the preemption lands mid-run even on a slow machine.
+    train_job(run_dir, digits_shards, extra_overrides=[f"train.max_steps={PREEMPT_STEPS}"])
     entry = record(run_dir)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and any('"joint"' in line for line in metrics.read_text().splitlines()))
     job = submitit.SlurmJob(folder=entry["folder"] + "/%j", job_id=entry["job_id"])
     job._interrupt()  # SIGTERM + SIGUSR2, as a preemption
     # A requeued job is held for a while; release it so the test does not wait for the hold.
-    wait_until(lambda: job_state(entry) in {"PENDING", "REQUEUED", "REQUEUE_HOLD"}, poll=0.5)
+    wait_until(lambda: job_state(entry) in {"PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETED"}, poll=0.5)
+    assert job_state(entry) != "COMPLETED", "the job finished before the preemption reached it"
     subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", "StartTime=now"], check=False)
     wait_until(lambda: job_state(entry) not in {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING",
                                                 "UNKNOWN"})
@@ -106,7 +109,7 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_tr
     assert "signal at step" not in metrics.read_text()  # the run logged on as usual after the resume
     rank0_logs = "".join(path.read_text() for path in Path(entry["log_dir"]).glob(f"{entry['job_id']}_0_log.*"))
     assert "resumed from" in rank0_logs  # the requeued job continued from the checkpoint saved on the signal
-    assert ckpt.find_checkpoint(run_dir, "last").step == ckpt.find_checkpoint(slurm_training, "last").step
+    assert ckpt.find_checkpoint(run_dir, "last").step == PREEMPT_STEPS  # where the uninterrupted run ends
 
 
 @pytest.mark.slurm
