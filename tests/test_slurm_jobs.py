@@ -90,8 +90,9 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cl
     import submitit
 
     run_dir = tmp_path / "run"
-    # Longer than the fixture's run, so the preemption lands mid-run even on a slow machine.
-    train_job(run_dir, digits_shards, extra_overrides=[f"train.max_steps={PREEMPT_STEPS}"])
+    # Longer than the fixture's run, so the preemption lands mid-run even on a slow machine; two epochs
+    # (an epoch is 28 steps) so that max_steps, not the end of the data, is where it stops.
+    train_job(run_dir, digits_shards, extra_overrides=["train.epochs=2", f"train.max_steps={PREEMPT_STEPS}"])
     entry = record(run_dir)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and any('"joint"' in line for line in metrics.read_text().splitlines()))
