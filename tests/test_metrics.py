@@ -126,11 +126,13 @@ def test_bad_inputs_fail_with_a_message(labels, probs, names, message):
         classification_metrics(labels, probs, class_names=names)
 
 
-def test_metrics_table_shows_overall_and_per_class_rows():
+@pytest.mark.parametrize("width", [160, 80, 60])  # a wide terminal, the 80 columns of a pipe or CI log, narrow
+def test_metrics_table_shows_overall_and_per_class_rows_whole_at_any_width(width):
     metrics = classification_metrics(LABELS, PROBS, class_names=["MEL", "NV", "BCC"])
-    console = Console(file=io.StringIO(), width=160, record=True)
+    console = Console(file=io.StringIO(), width=width, record=True)
     console.print(metrics_table(metrics, "test split", extra_rows={"DCG accuracy": 0.7}))
     text = console.export_text()
+    assert "…" not in text  # no number or header cut short
     for expected in ("test split", "macro F1", "0.8024", "Cohen's kappa", "0.6032", "DCG accuracy", "0.7000",
                      "MEL", "BCC", "0.8571"):
         assert expected in text

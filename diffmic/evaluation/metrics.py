@@ -166,14 +166,35 @@ def _per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> Table:
     return table
 
 
+class _BesideOrStacked:
+    """Two tables beside each other when the terminal is wide enough for both, else one above the other
+    (rich would otherwise squeeze both and cut every number to "0.9…" in an 80-column terminal)."""
+
+    def __init__(self, title: str, left: Table, right: Table, gap: int = 2):
+        self.title, self.left, self.right, self.gap = title, left, right, gap
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        widths = [Measurement.get(console, options, part).maximum for part in (self.left, self.right)]
+        if sum(widths) + self.gap <= options.max_width:
+            grid = Table(title=self.title, show_header=False, show_edge=False, box=None, padding=(0, self.gap // 2))
+            grid.add_column()
+            grid.add_column()
+            grid.add_row(self.left, self.right)
+            yield grid
+        else:
+            yield Text(self.title, style="italic")
+            yield self.left
+            yield Text("")
+            yield self.right
+
+
 def metrics_table(metrics: Mapping[str, Any], title: str,
-                  extra_rows: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None) -> Table:
+                  extra_rows: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None) -> _BesideOrStacked:
     """A terminal table: overall metrics (plus `extra_rows`, e.g. the DCG's accuracy or images/s)
     beside per-class precision, recall, F1 and support. The two parts have different columns, so
-    they are two inner tables in one titled grid."""
+    they are two inner tables, side by side where the terminal is wide enough."""
     extra = extra_rows.items() if isinstance(extra_rows, Mapping) else (extra_rows or ())
-    outer = Table(title=title, show_header=False, show_edge=False, box=None, padding=(0, 2))
-    outer.add_column()
-    outer.add_column()
-    outer.add_row(_overall_table(metrics, extra), _per_class_table(metrics["per_class"]))
-    return outer
+    return _BesideOrStacked(title, _overall_table(metrics, extra), _per_class_table(metrics["per_class"]))
