@@ -19,7 +19,7 @@ CPU_JOB = ["--gpus", "0", "--tasks-per-node", "2", "--time", "00:15:00"]
 pytestmark = pytest.mark.timeout(900)
 
 
-# No warm-up and 8 joint steps of 2 x 8 images (an epoch is 28): long enough to preempt mid-run (it is
+# No warm-up and 8 joint steps of 2 x 8 images (an epoch is 27): long enough to preempt mid-run (it is
 # sent after the first logged step), short enough for CI, where the two tasks share two cores.
 SLURM_STEPS = 8
 PREEMPT_STEPS = 40
@@ -91,7 +91,7 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cl
 
     run_dir = tmp_path / "run"
     # Longer than the fixture's run, so the preemption lands mid-run even on a slow machine; two epochs
-    # (an epoch is 28 steps) so that max_steps, not the end of the data, is where it stops.
+    # (an epoch is 27 steps) so that max_steps, not the end of the data, is where it stops.
     train_job(run_dir, digits_shards, extra_overrides=["train.epochs=2", f"train.max_steps={PREEMPT_STEPS}"])
     entry = record(run_dir)
     metrics = run_dir / "metrics.jsonl"
