@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 # The config's `select_metric` names -> keys of the metrics dict.
 SELECTION_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "kappa": "kappa_quadratic"}
@@ -174,9 +176,6 @@ class _BesideOrStacked:
         self.title, self.left, self.right, self.gap = title, left, right, gap
 
     def __rich_console__(self, console, options):
-        from rich.measure import Measurement
-        from rich.text import Text
-
         widths = [Measurement.get(console, options, part).maximum for part in (self.left, self.right)]
         if sum(widths) + self.gap <= options.max_width:
             grid = Table(title=self.title, show_header=False, show_edge=False, box=None, padding=(0, self.gap // 2))
