@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import UserError, app, console
+from .common import UserError, console
 
 SLURM = typer.Option(False, "--slurm", help="Submit to Slurm through submitit instead of running here.",
                      rich_help_panel="Slurm")

@@ -163,10 +163,6 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.plan.steps
 
-    @property
-    def batches_remaining(self) -> int:
-        return self.plan.steps - self.plan.start_batch
-
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return worker_train_batches(self.plan, 0, self.normalise)

@@ -8,14 +8,13 @@ Python ints, so no step waits on the host.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from .schedule import NoiseSchedule
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SamplerName = Literal["respaced", "truncated", "ddim"]
 SAMPLERS = ("respaced", "truncated", "ddim")
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from ..config import Config, config_from_dict, dump_config
 from ..errors import CheckpointError
+from ..fileio import write_json_atomic
 
 MARKER = "COMPLETE"
 MODEL_FILE = "model.pt"
@@ -38,12 +39,6 @@ class CheckpointInfo:
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def write_json_atomic(path: Path, values: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(values, indent=2))
-    os.replace(temporary, path)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:

@@ -8,7 +8,6 @@ scheduler state.
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import contextmanager
 
@@ -108,6 +107,3 @@ class ExponentialMovingAverage:
         if missing:
             raise ValueError(f"EMA state does not match the model: differing entries {sorted(missing)[:3]}")
         self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
-
-    def copy(self) -> "ExponentialMovingAverage":
-        return copy.deepcopy(self)

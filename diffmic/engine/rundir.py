@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import Config, dump_config
+from ..fileio import write_text_atomic
 
 
 def git_commit() -> str:
@@ -25,12 +25,6 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def write_run_files(run_dir: Path, config: Config, manifest, facts: dict) -> dict:

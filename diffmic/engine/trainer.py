@@ -21,6 +21,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..errors import NonFiniteLossError
+from ..fileio import write_json_atomic
 from ..data import eval_loader, read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
@@ -340,7 +341,7 @@ class Trainer:
             self.state.best_score, self.state.best_step = score, self.state.step
             self.save_checkpoint()
             if self.is_main:
-                ckpt.write_json_atomic(ckpt.checkpoint_root(self.run_dir) / ckpt.BEST_FILE,
+                write_json_atomic(ckpt.checkpoint_root(self.run_dir) / ckpt.BEST_FILE,
                                        {"step": self.state.step, "metric": self.train_cfg.select_metric,
                                         "score": score, "split": split})
         return row

@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fileio import write_atomic
 from .metrics import as_numpy, class_indices
 
 
 def _save_atomically(figure: Any, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    # Same folder as the target, so os.replace is a rename on one file system; a unique name (not
-    # mkstemp, whose 0600 mode would stick to the PNG) so concurrent writers never share it.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
 
 
 def _class_colours(classes: int) -> list:

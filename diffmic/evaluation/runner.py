@@ -11,12 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import Config
@@ -25,6 +23,7 @@ from ..data.loaders import check_compatible as check_shards
 from ..engine import checkpoint as ckpt
 from ..engine.distributed import make_accelerator
 from ..errors import CheckpointError
+from ..fileio import write_text_atomic
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import classification_metrics, metrics_table
 from .plots import plot_confusion_matrix, plot_trajectory
@@ -38,12 +37,6 @@ class EvalResult:
     out_dir: Path | None  # None on ranks other than 0
     metrics: dict
     predictions: SplitPredictions
-
-
-def write_atomic(path: Path, data: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(data)
-    os.replace(temporary, path)
 
 
 def eval_settings(config: Config, steps: int | None, sampler: str | None, n_samples: int | None) -> tuple[int, str, int]:
@@ -132,11 +125,11 @@ def _report(predictions, classes, info, manifest, split, sampler, steps, n_sampl
 
 def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, classes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "predictions.csv", predictions_csv(predictions, classes))
+    write_text_atomic(out / "predictions.csv", predictions_csv(predictions, classes))
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     if predictions.trajectory:
         plot_trajectory(predictions.trajectory, predictions.labels, classes, out / "trajectory.png")
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
 
 
 def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
@@ -249,4 +242,4 @@ def write_rows_csv(rows: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())

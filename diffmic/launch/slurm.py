@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SlurmError
+from ..fileio import write_json_atomic
 
 # RUN/slurm_train.json and RUN/slurm_eval.json record the submitted jobs for `diffmic status`.
 JOB_FILE = "slurm_{kind}.json"
@@ -186,10 +187,7 @@ def submit(job: DistributedJob, options: SlurmOptions, run_dir: Path, job_name: 
               "options": asdict(options)}
     if options.local:  # lets `diffmic status` tell a running local job from a dead one
         record["pid"] = submitted._process.pid
-    path = run_dir / JOB_FILE.format(kind=job.kind)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=2))
-    os.replace(temporary, path)
+    write_json_atomic(run_dir / JOB_FILE.format(kind=job.kind), record)
     return submitted, record
 
 
@@ -238,8 +236,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def job_logs(record: dict) -> list[Path]:
-    folder = Path(record["log_dir"])
-    return sorted(folder.glob("*.out")) + sorted(folder.glob("*.err"))
