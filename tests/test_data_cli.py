@@ -82,6 +82,18 @@ def test_user_mistakes_exit_2_with_one_message(digits_shards, tmp_path):
     assert layout.returncode == 2 and "choose one of ham10000, aptos2019" in layout.stderr
 
 
+def test_shard_help_lists_every_layout_from_the_registry():
+    from diffmic.data.layouts import LAYOUTS
+
+    result = diffmic("shard", "--help", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"Source layout: {', '.join(LAYOUTS)}" in text
+    for name, layout in LAYOUTS.items():
+        assert f"{name}: {' '.join(layout.summary.split()[:4])}" in text
+    assert "Default 0.3 (ham10000, aptos2019, digits), 0.2 (imagefolder, pkl, medmnist)" in text
+
+
 def test_shard_imagefolder_with_classes_and_name(tmp_path):
     imagefolder_layout(tmp_path / "data" / "pmg2000")
     result = diffmic("shard", "--dataset", "imagefolder", "--name", "pmg2000", "--size", "32", "--workers", "1",

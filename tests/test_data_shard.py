@@ -334,6 +334,33 @@ def test_authors_pkl_lists_split_the_isic_layout(tmp_path):
     assert manifest.splits["val"].count > 0 and labels_by_key(manifest) == truth
 
 
+def test_a_new_layout_is_one_reader_and_one_entry(tmp_path, monkeypatch):
+    """A reader that takes only the root, registered with its defaults: ShardOptions and shard_dataset
+    need nothing else."""
+    from diffmic.data.layouts import LAYOUTS, Layout
+    from diffmic.data.sources import RecordBuilder
+
+    def read_colours(root: Path):
+        builder = RecordBuilder(root)
+        for path in sorted(root.glob("*.png")):
+            builder.add_file(path, path.stem, ["red", "green"].index(path.stem.split("_")[0]))
+        return builder.result(["red", "green"])
+
+    for index in range(10):
+        write_image(tmp_path / "data" / "colours" / f"{['red', 'green'][index % 2]}_{index}.png", index % 2)
+    monkeypatch.setitem(LAYOUTS, "colours", Layout("colours", read_colours, "red_N.png and green_N.png files",
+                                                   test_fraction=0.4, classes=("red", "green"),
+                                                   root="data/colours", size=40))
+    monkeypatch.chdir(tmp_path)
+    options = ShardOptions(dataset="colours", workers=1)
+    assert (options.root, options.size, options.test_fraction) == (Path("data/colours"), 40, 0.4)
+    with pytest.raises(ShardError, match="--classes does not apply to colours"):
+        ShardOptions(dataset="colours", classes=["red", "green"])
+    manifest = shard_dataset(options)
+    assert manifest.classes == ["red", "green"] and manifest.image_size == 40 and manifest.source == "colours"
+    assert manifest.splits["test"].count == 4
+
+
 def test_digits_take_no_root():
     with pytest.raises(ShardError, match="--root does not apply to digits"):
         ShardOptions(dataset="digits", root=Path("data/digits"))

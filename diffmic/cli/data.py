@@ -8,9 +8,21 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..data.layouts import LAYOUTS
 from .common import app, console, error_console
 
-LAYOUTS = "ham10000, aptos2019, imagefolder, pkl, medmnist, digits"
+
+def _by_default(value_of) -> str:
+    """`0.3 (ham10000, aptos2019, digits), 0.2 (imagefolder, pkl, medmnist)`: a default that depends on
+    the layout, written from the layout registry."""
+    groups: dict[str, list[str]] = {}
+    for layout in LAYOUTS.values():
+        groups.setdefault(str(value_of(layout)), []).append(layout.name)
+    return ", ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
+
+
+def _layouts_epilog() -> str:
+    return "Layouts (--dataset):\n\n" + "\n\n".join(f"  {layout.name}: {layout.summary}" for layout in LAYOUTS.values())
 
 
 def _progress_bar() -> Progress:
@@ -18,30 +30,32 @@ def _progress_bar() -> Progress:
                     TimeRemainingColumn(), console=error_console, transient=True)
 
 
-@app.command("shard")
+@app.command("shard", epilog=_layouts_epilog())
 def shard(
-    dataset: str = typer.Option(..., "--dataset", "-d", help=f"Source layout: {LAYOUTS}."),
-    root: Path = typer.Option(None, "--root", help="The download's folder (a .pkl/.npz file for pkl/medmnist). "
-                                                   "Default: data/<dataset>, data/<name> for "
-                                                   "imagefolder/pkl/medmnist."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help=f"Source layout: {', '.join(LAYOUTS)} (see below)."),
+    root: Path = typer.Option(None, "--root", help="The download's folder (or file, for pkl and medmnist). Default: "
+                              + _by_default(lambda layout: layout.root.format(name="<name>") if layout.root else "none: "
+                                          "it reads no files") + "; <name> is --name."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: shards/<name>."),
     name: str = typer.Option(None, "--name", help="Dataset name in the manifest and default paths. Default: the "
                                                   "--out folder's name, else the layout."),
-    size: int = typer.Option(None, "--size", help="Square image side in pixels. Default 224 (64 for digits)."),
+    size: int = typer.Option(None, "--size", help="Square image side in pixels. Default "
+                             + _by_default(lambda layout: layout.size) + "."),
     image_format: str = typer.Option("jpg", "--format", help="jpg or png."),
     quality: int = typer.Option(95, "--quality", help="JPEG quality."),
     shard_size: int = typer.Option(256, "--shard-size", help="Samples per shard."),
     seed: int = typer.Option(0, "--seed", help="Seed of the splits and the sample order."),
     test_fraction: float = typer.Option(None, "--test-fraction",
-                                        help="Test share. Default 0.3 (HAM10000, APTOS, digits), else 0.2. "
-                                             "Unused when the source or --split-from gives a test split."),
+                                        help="Test share. Default " + _by_default(lambda layout: layout.test_fraction)
+                                             + ". Unused when the source or --split-from gives a test split."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Validation share carved from train; 0: none."),
     group: bool = typer.Option(True, "--group/--no-group", help="Keep each lesion in one split (HAM10000 "
                                                                 "metadata); --no-group: the authors' image split."),
     split_from: list[Path] = typer.Option(None, "--split-from", help="Use a given split: a CSV of key,split or "
                                                                      "the authors' .pkl lists (repeatable)."),
-    classes: str = typer.Option(None, "--classes", help="Comma-separated class names in label order "
-                                                        "(imagefolder, pkl, medmnist)."),
+    classes: str = typer.Option(None, "--classes", help="Comma-separated class names in label order ("
+                                + ", ".join(name for name, layout in LAYOUTS.items() if not layout.fixed_classes)
+                                + "; the others' classes are fixed)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad inputs, listed in OUT/rejected.csv."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     workers: int = typer.Option(None, "--workers", help="Encoding processes. Default: all cores."),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .layouts import Layout, register
 from .manifest import SPLIT_NAMES
 from .safepickle import UnsafePickleError, load_plain_pickle
 from .sources import Record, RecordBuilder, ShardError, SourceData, index_images, numbered_classes, safe_key
@@ -66,7 +67,7 @@ class _ImageResolver:
         return found[0] if len(found) == 1 else None
 
 
-def read_pkl(root: Path, classes: list[str] | None, size: int) -> SourceData:
+def read_pkl(root: Path, classes: list[str] | None) -> SourceData:
     """A folder of pickled lists of {'img_root', 'label'} (or one such file); the split comes from each
     file's name, class names from --classes (default "0", "1", ...)."""
     files = [root] if root.is_file() else sorted(root.glob("*.pkl"))
@@ -94,6 +95,11 @@ def read_pkl(root: Path, classes: list[str] | None, size: int) -> SourceData:
     return builder.result(classes)
 
 
+PKL = register(Layout(
+    "pkl", read_pkl, "the authors' pickled lists of {'img_root', 'label'} (a folder of them or one .pkl file); "
+    "each file's name gives its split, --classes the class names", test_fraction=0.2))
+
+
 def _npz_file(root: Path) -> Path:
     if root.is_file():
         return root
@@ -116,7 +122,7 @@ def _medmnist_split(npz, path: Path, split: str) -> tuple[np.ndarray, np.ndarray
     return images, labels.astype(np.int64)
 
 
-def read_medmnist(root: Path, classes: list[str] | None, size: int) -> SourceData:
+def read_medmnist(root: Path, classes: list[str] | None) -> SourceData:
     """A MedMNIST .npz with {train,val,test}_{images,labels}; its own splits are kept."""
     path = _npz_file(root)
     try:
@@ -142,3 +148,8 @@ def read_medmnist(root: Path, classes: list[str] | None, size: int) -> SourceDat
             builder.records.append(Record(key=f"{split}_{index:06d}", label=int(label), source=source,
                                           pixels=image, split=split))
     return builder.result(classes)
+
+
+MEDMNIST = register(Layout(
+    "medmnist", read_medmnist, "a MedMNIST .npz (the folder holding it or the file); its train/val/test splits "
+    "are kept", test_fraction=0.2))

@@ -23,19 +23,12 @@ from PIL import Image
 
 from .. import __version__
 from .images import encode_image, preprocess_image
+from .layouts import LAYOUTS, Layout
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_manifest
-from .presplit import read_medmnist, read_pkl
 from .shardio import SplitShardWriter
-from .sources import (Problem, Record, ShardError, SourceData, read_aptos2019, read_digits, read_ham10000,
-                      read_imagefolder)
+from .sources import Problem, Record, ShardError, SourceData
 from .splits import apply_given_splits, assign_splits, read_split_files
 
-SOURCES = {"ham10000": read_ham10000, "aptos2019": read_aptos2019, "imagefolder": read_imagefolder,
-           "pkl": read_pkl, "medmnist": read_medmnist, "digits": read_digits}
-# The paper's ratios: 7:3 for HAM10000 and APTOS, 8:2 for folder-per-class data such as PMG2000.
-DEFAULT_TEST_FRACTION = {"ham10000": 0.3, "aptos2019": 0.3, "imagefolder": 0.2, "pkl": 0.2, "medmnist": 0.2,
-                         "digits": 0.3}
-FIXED_CLASSES = ("ham10000", "aptos2019", "digits")
 SHOWN_PROBLEMS = 20
 REJECTED_NAME = "rejected.csv"
 
@@ -46,16 +39,16 @@ ProgressCallback = Callable[[int, int], None]  # (images done, images in total)
 class ShardOptions:
     """What `diffmic shard` was asked for; None means the documented default."""
 
-    dataset: str
-    root: Path | None = None  # default data/<dataset> (ham10000, aptos2019), else data/<name>; unused for digits
+    dataset: str  # the layout's name (layouts.py)
+    root: Path | None = None  # default: the layout's
     out: Path | None = None  # default shards/<name>
     name: str | None = None  # default: the --out folder's name, else the dataset
-    size: int | None = None  # default 224 (64 for digits)
+    size: int | None = None  # default: the layout's
     image_format: str = "jpg"
     quality: int = 95
     shard_size: int = 256
     seed: int = 0
-    test_fraction: float | None = None
+    test_fraction: float | None = None  # default: the layout's
     val_fraction: float = 0.1
     grouped: bool = True
     split_from: list[Path] = field(default_factory=list)
@@ -65,21 +58,23 @@ class ShardOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     def __post_init__(self) -> None:
-        if self.dataset not in SOURCES:
-            raise ShardError(f"unknown dataset layout {self.dataset!r}; choose one of {', '.join(SOURCES)}")
+        if self.dataset not in LAYOUTS:
+            raise ShardError(f"unknown dataset layout {self.dataset!r}; choose one of {', '.join(LAYOUTS)}")
+        layout = self.layout
         self.name = self.name or (Path(self.out).name if self.out else self.dataset)
         self.out = Path(self.out) if self.out else Path("shards") / self.name
-        if self.dataset == "digits" and self.root is not None:
-            raise ShardError("--root does not apply to digits: they ship with scikit-learn")
-        if self.dataset != "digits":
-            # A named dataset's download has its own folder whatever --out says; a generic layout
-            # (imagefolder, pkl, medmnist) is found by the dataset's name.
-            default_root = Path("data") / (self.dataset if self.dataset in FIXED_CLASSES else self.name)
-            self.root = Path(self.root) if self.root else default_root
-        self.size = self.size or (64 if self.dataset == "digits" else 224)
+        if layout.root is None and self.root is not None:
+            raise ShardError(f"--root does not apply to {self.dataset}, which reads no files: {layout.summary}")
+        if layout.root is not None:
+            self.root = Path(self.root) if self.root else layout.default_root(self.name)
+        self.size = self.size or layout.size
         if self.test_fraction is None:
-            self.test_fraction = DEFAULT_TEST_FRACTION[self.dataset]
+            self.test_fraction = layout.test_fraction
         self._validate()
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.dataset]
 
     def _validate(self) -> None:
         checks = [(self.size >= 8, f"--size {self.size} is too small; use at least 8 (224 for the paper)"),
@@ -90,7 +85,7 @@ class ShardOptions:
                   (0 <= self.val_fraction < 1, f"--val-fraction {self.val_fraction}: use a value in [0, 1)"),
                   (self.seed >= 0, f"--seed {self.seed}: use a non-negative integer"),
                   (self.workers >= 1, f"--workers {self.workers}: use at least 1"),
-                  (not (self.classes and self.dataset in FIXED_CLASSES),
+                  (not (self.classes and self.layout.fixed_classes),
                    f"--classes does not apply to {self.dataset}, whose classes are fixed")]
         for passed, message in checks:
             if not passed:
@@ -105,7 +100,7 @@ def shard_dataset(options: ShardOptions, progress: ProgressCallback | None = Non
     """Reads the source, splits it, writes OUT/{split}-NNNNNN.tar and OUT/manifest.json, and returns the
     manifest as read back. Raises ShardError listing every bad input unless `skip_bad`."""
     check_output(options.out, options.overwrite)
-    source = SOURCES[options.dataset](options.root, options.classes, options.size)
+    source = options.layout.read(options.root, options.classes, options.size)
     records, problems = source.records, list(source.problems)
     if options.split_from:
         described = " and ".join(str(path) for path in options.split_from)
@@ -250,7 +245,7 @@ def build_manifest(options: ShardOptions, source: SourceData, splits: dict[str, 
                "grouped_by_lesion": grouped, "given_by": [str(path) for path in options.split_from]
                or ([options.dataset] if given else [])},
         splits=infos, rejected=rejected, tool=f"diffmic {__version__}",
-        source_root=str(options.root.resolve()) if options.root is not None else "sklearn.datasets.load_digits")
+        source_root=str(options.root.resolve()) if options.root is not None else source.origin)
 
 
 def publish(work: Path, out: Path, overwrite: bool) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import IMAGE_SUFFIXES
+from .layouts import Layout, register
 from .shardio import safe_key
 
 
@@ -47,6 +48,7 @@ class SourceData:
     classes: list[str]
     records: list[Record]
     problems: list[Problem] = field(default_factory=list)
+    origin: str = ""  # where the images come from when the layout reads no --root (the manifest's source_root)
 
 
 HAM_CLASSES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
@@ -142,7 +144,7 @@ def image_folders(root: Path, pattern: str) -> list[Path]:
     return found or [root]
 
 
-def read_ham10000(root: Path, classes: list[str] | None, size: int) -> SourceData:
+def read_ham10000(root: Path) -> SourceData:
     metadata, truth = find_file(root, HAM_METADATA), find_file(root, ISIC_GROUND_TRUTH)
     if metadata is not None:
         return _read_ham_metadata(root, metadata)
@@ -186,7 +188,12 @@ def _read_isic_ground_truth(root: Path, truth: Path) -> SourceData:
     return builder.result(HAM_CLASSES)
 
 
-def read_aptos2019(root: Path, classes: list[str] | None, size: int) -> SourceData:
+HAM10000 = register(Layout(
+    "ham10000", read_ham10000, "HAM10000_metadata.csv (splits grouped by lesion_id) or the ISIC 2018 task 3 "
+    "ground-truth CSV, with their images", test_fraction=0.3, classes=tuple(HAM_CLASSES), root="data/ham10000"))
+
+
+def read_aptos2019(root: Path) -> SourceData:
     """train.csv (id_code, diagnosis 0-4) and train_images/<id_code>.png."""
     table = root / "train.csv"
     if not table.is_file():
@@ -202,7 +209,12 @@ def read_aptos2019(root: Path, classes: list[str] | None, size: int) -> SourceDa
     return builder.result(APTOS_CLASSES)
 
 
-def read_imagefolder(root: Path, classes: list[str] | None, size: int) -> SourceData:
+APTOS2019 = register(Layout(
+    "aptos2019", read_aptos2019, "train.csv (id_code, diagnosis 0-4) and train_images/<id_code>.png",
+    test_fraction=0.3, classes=tuple(APTOS_CLASSES), root="data/aptos2019"))
+
+
+def read_imagefolder(root: Path, classes: list[str] | None) -> SourceData:
     """ROOT/<class>/**/<image>; classes in sorted folder order unless --classes gives the order."""
     folders = sorted(path.name for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
     if not folders:
@@ -220,16 +232,11 @@ def read_imagefolder(root: Path, classes: list[str] | None, size: int) -> Source
     return builder.result(classes)
 
 
+IMAGEFOLDER = register(Layout(
+    "imagefolder", read_imagefolder, "ROOT/<class>/<images>, such as PMG2000; classes in sorted folder order "
+    "unless --classes gives it", test_fraction=0.2))
+
+
 def numbered_classes(labels: list[int], classes: list[str] | None) -> list[str]:
     """--classes when given, else "0", "1", ... up to the largest label."""
     return classes or [str(index) for index in range(max(max(labels, default=0) + 1, 2))]
-
-
-def read_digits(root: Path | None, classes: list[str] | None, size: int) -> SourceData:
-    """scikit-learn's 1797 digits, upscaled to `size`: the offline demo dataset."""
-    from .digits import DIGIT_CLASSES, digits_images
-
-    images, labels = digits_images(size)
-    records = [Record(key=f"digit_{index:04d}", label=int(label), source=f"sklearn digits #{index}",
-                      pixels=image) for index, (image, label) in enumerate(zip(images, labels))]
-    return SourceData(classes=DIGIT_CLASSES, records=records)
