@@ -4,7 +4,9 @@ Generates HAM10000-sized JPEGs (600x450) and APTOS-sized PNGs (2000x1500) in a t
 them with `diffmic shard`, then measures images per second of
   - shards: `diffmic.data.train_loader` (decode a 224 px JPEG, augment, normalise), and
   - raw:    a DataLoader over the original files (PIL decode, centre crop, resize to 224, augment, normalise),
-with the same batch size, loader workers and augmentation. About a minute on 2 cores.
+with the same batch size, loader workers and augmentation; and what the sha256 check of the train shards
+costs, which every process runs once before it first reads them (`check s`, and as a share of one epoch).
+About a minute on 2 cores.
 
     python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2]
 """
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffmic.config import AugmentConfig, DataConfig
 from diffmic.data import ShardOptions, shard_dataset, train_loader
+from diffmic.data import verify
 from diffmic.data.images import augment_image, preprocess_image
 
 BATCH_SIZE = 32
@@ -109,6 +112,14 @@ def measure(epoch_loader) -> float:
     return images / (time.perf_counter() - start)
 
 
+def checksum_seconds(manifest) -> float:
+    """The first check of a process: every train shard hashed (the memo of earlier checks emptied)."""
+    verify._MATCHED.clear()
+    started = time.perf_counter()
+    verify.check_shard_files(manifest, manifest.splits["train"].shards)
+    return time.perf_counter() - started
+
+
 def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix: str, workers: int) -> dict:
     started = time.perf_counter()
     paths = make_folder(root / name / "raw", count, width, height, suffix, workers)
@@ -124,9 +135,12 @@ def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix
                    in set(manifest.splits["train"].keys)]
     raw = raw_images_per_second(train_paths, data)
     shards = shard_images_per_second(manifest.folder, data)
+    check = checksum_seconds(manifest)
+    epoch = manifest.splits["train"].count / shards
     shard_mb = sum(entry.bytes for info in manifest.splits.values() for entry in info.shards) / 2**20
     return {"name": name, "images": count, "size": f"{width}x{height}{suffix}", "raw_mb": raw_mb,
-            "shard_mb": shard_mb, "generate_s": generated, "shard_s": sharded, "raw": raw, "shards": shards}
+            "shard_mb": shard_mb, "generate_s": generated, "shard_s": sharded, "raw": raw, "shards": shards,
+            "check_s": check, "check_share": check / epoch}
 
 
 def main() -> None:
@@ -141,10 +155,11 @@ def main() -> None:
                 benchmark("aptos2019-like", Path(folder), args.aptos, 2000, 1500, ".png", args.workers)]
     print(f"training stream, batch {BATCH_SIZE}, {args.workers} loader workers, 224 px, hflip + rotation:")
     print(f"{'dataset':<16}{'images':>7}  {'source':<14}{'raw MB':>8}{'shard MB':>9}{'gen s':>7}{'shard s':>8}"
-          f"{'raw img/s':>11}{'shard img/s':>13}{'speed-up':>10}")
+          f"{'raw img/s':>11}{'shard img/s':>13}{'speed-up':>10}{'check s':>9}{'of epoch':>9}")
     for row in rows:
         print(f"{row['name']:<16}{row['images']:>7}  {row['size']:<14}{row['raw_mb']:>8.1f}{row['shard_mb']:>9.1f}"
-              f"{row['generate_s']:>7.1f}{row['shard_s']:>8.1f}{row['raw']:>11.1f}{row['shards']:>13.1f}{row['shards'] / row['raw']:>9.1f}x")
+              f"{row['generate_s']:>7.1f}{row['shard_s']:>8.1f}{row['raw']:>11.1f}{row['shards']:>13.1f}{row['shards'] / row['raw']:>9.1f}x"
+              f"{row['check_s']:>9.3f}{row['check_share']:>8.1%}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         self.detail = message
-        super().__init__(f"config key '{key}': {message}")
+        # A problem of the whole file (key "") names the file itself, not an empty key.
+        super().__init__(f"config key '{key}': {message}" if key else message)
 
     def under(self, prefix: str) -> "ConfigError":
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail)
@@ -352,8 +353,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _read_yaml(path: Path, children: tuple[Path, ...] = ()) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError("", f"config file {path} does not exist; pass --config with a file from configs/")
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} is not a regular file; pass --config with a YAML file from "
+                              f"configs/")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:

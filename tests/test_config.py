@@ -78,6 +78,20 @@ def test_missing_file_is_reported_with_its_path(tmp_path):
         load_config(tmp_path / "nothing.yaml")
 
 
+def test_file_errors_name_the_file_and_never_an_empty_key(tmp_path):
+    (tmp_path / "list.yaml").write_text("- data\n")
+    (tmp_path / "broken.yaml").write_text("data: {dataset: [\n")
+    cases = {tmp_path / "nothing.yaml": f"config file {tmp_path / 'nothing.yaml'} does not exist",
+             tmp_path / "list.yaml": f"{tmp_path / 'list.yaml'} must hold sections",
+             tmp_path / "broken.yaml": f"{tmp_path / 'broken.yaml'} is not valid YAML",
+             Path("/dev/null"): "config file /dev/null is not a regular file",
+             tmp_path: f"config file {tmp_path} is not a regular file"}
+    for path, beginning in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert str(error.value).startswith(beginning), str(error.value)
+
+
 def test_reference_lists_every_leaf_key_with_its_default():
     rows = {key: default for key, _, default in config_reference()}
     assert rows["model.dcg.k"] == 6 and rows["train.mixed_precision"] == "bf16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,24 @@ def test_user_mistakes_exit_2_with_one_message(digits_shards, tmp_path):
     assert layout.returncode == 2 and "choose one of ham10000, aptos2019" in layout.stderr
 
 
+def test_train_on_a_changed_shard_stops_with_one_line_naming_it(digits_shards, tmp_path):
+    from engine_helpers import TINY, diffmic_here
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_shards, copy)
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a pixel of one JPEG: every image still decodes
+    shard.write_bytes(bytes(data))
+    result = diffmic_here(["train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(copy),
+                           "--run-dir", str(tmp_path / "run"), "--no-progress",
+                           *[item for override in TINY for item in ("--set", override)]])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "train-000001.tar: sha256 differs" in error[0] and f"diffmic verify {copy}" in error[0]
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
 def test_shard_help_lists_every_layout_from_the_registry():
     from diffmic.data.layouts import LAYOUTS
 
@@ -101,3 +120,12 @@ def test_shard_imagefolder_with_classes_and_name(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "shards" / "pmg2000" / "manifest.json").is_file()
     assert "grade_c" in result.stdout
+    assert "warning" not in result.stderr
+
+
+def test_shard_warns_when_the_val_split_rounds_to_nothing(tmp_path):
+    imagefolder_layout(tmp_path / "data" / "small", per_class=4)
+    result = diffmic("shard", "--dataset", "imagefolder", "--name", "small", "--size", "32", "--workers", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: no val split" in result.stderr and "--val-fraction" in result.stderr

@@ -195,6 +195,16 @@ def test_unknown_label_duplicate_id_and_wrong_columns(tmp_path):
     write_csv(root / "train.csv", ["id", "grade"], [["0000c0ffee", 0]])
     with pytest.raises(ShardError, match=r"train.csv lacks the column\(s\) id_code, diagnosis"):
         shard(tmp_path, "aptos2019", root)
+    write_csv(root / "train.csv", ["id_code", "diagnosis"], [])
+    with pytest.raises(ShardError, match="train.csv has a header but no rows"):
+        shard(tmp_path, "aptos2019", root)
+
+
+def test_a_val_share_that_rounds_to_nothing_is_said_at_shard_time(tmp_path):
+    imagefolder_layout(tmp_path / "pmg", per_class=4)  # 3 training images per class: 10% of 3 rounds to 0
+    with pytest.warns(UserWarning, match=r"no val split: --val-fraction 0.1 of 9 training images rounds to none"):
+        manifest = shard(tmp_path, "imagefolder", tmp_path / "pmg")
+    assert set(manifest.splits) == {"train", "test"}
 
 
 def test_a_class_without_images_is_refused(tmp_path):
@@ -346,7 +356,7 @@ def test_a_new_layout_is_one_reader_and_one_entry(tmp_path, monkeypatch):
             builder.add_file(path, path.stem, ["red", "green"].index(path.stem.split("_")[0]))
         return builder.result(["red", "green"])
 
-    for index in range(10):
+    for index in range(20):
         write_image(tmp_path / "data" / "colours" / f"{['red', 'green'][index % 2]}_{index}.png", index % 2)
     monkeypatch.setitem(LAYOUTS, "colours", Layout("colours", read_colours, "red_N.png and green_N.png files",
                                                    test_fraction=0.4, classes=("red", "green"),
@@ -358,7 +368,7 @@ def test_a_new_layout_is_one_reader_and_one_entry(tmp_path, monkeypatch):
         ShardOptions(dataset="colours", classes=["red", "green"])
     manifest = shard_dataset(options)
     assert manifest.classes == ["red", "green"] and manifest.image_size == 40 and manifest.source == "colours"
-    assert manifest.splits["test"].count == 4
+    assert {name: info.count for name, info in manifest.splits.items()} == {"train": 10, "val": 2, "test": 8}
 
 
 def test_digits_take_no_root():

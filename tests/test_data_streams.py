@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import warnings
 
@@ -17,6 +18,7 @@ from data_fixtures import medmnist_npz
 from diffmic.config import AugmentConfig, DataConfig
 from diffmic.data import (ManifestError, ShardOptions, eval_loader, eval_transform, preprocess_image, read_manifest,
                           shard_dataset, steps_per_epoch, train_loader, verify_shards)
+from diffmic.data.manifest import CorruptShardError
 from diffmic.data.shardio import SplitShardWriter, iter_shard_samples
 
 CLASSES = 4
@@ -84,6 +86,24 @@ def test_a_rank_without_shards_yields_nothing_and_warns(shards):
             assert loader.num_workers == 1 and any("using 1" in str(w.message) for w in caught)
         seen += keys_of(batches)
     assert sorted(seen) == sorted(read_manifest(shards).splits["test"].keys)
+
+
+def test_more_workers_than_cpus_are_capped_and_said_once(shards, monkeypatch):
+    import diffmic.data.loaders as loaders
+
+    monkeypatch.setattr(loaders, "_told_about_cap", False, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-core machine
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            training = train_loader(shards, data_config(num_workers=8), batch_size=4, seed=0, epoch=epoch)
+            assert len(list(training)) == 10
+        evaluation = eval_loader(shards, "test", data_config(num_workers=8), batch_size=2)
+        assert len(keys_of(evaluation)) == 17
+    messages = [str(warning.message) for warning in caught]
+    assert training.num_workers == evaluation.num_workers == 2
+    assert sum("data.num_workers=8 but this process may use 2 CPU(s)" in message for message in messages) == 1
+    assert not any("worker processes in total" in message for message in messages), messages
 
 
 def test_train_epoch_is_deterministic_and_resumes_exactly(shards):
@@ -219,6 +239,50 @@ def test_verify_finds_a_damaged_tar_header_and_readers_refuse_it(shards, tmp_pat
                for problem in problems)
     with pytest.raises(ValueError, match="val-000000.tar: a tar header fails its checksum"):
         list(iter_shard_samples(shard))
+
+
+def flip_one_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def assert_one_line_naming(error, shard, folder) -> None:
+    message = str(error.value)
+    assert "\n" not in message and shard.name in message and f"diffmic verify {folder}" in message, message
+
+
+def test_a_changed_or_cut_shard_stops_both_streams_before_it_is_read(shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    changed, cut = copy / "train-000004.tar", copy / "test-000002.tar"
+    flip_one_byte(changed)
+    with pytest.raises(CorruptShardError, match="train-000004.tar: sha256 differs from the manifest") as error:
+        train_loader(copy, data_config(num_workers=0), batch_size=4, seed=0, epoch=0)
+    assert_one_line_naming(error, changed, copy)
+    cut.write_bytes(cut.read_bytes()[:1536])
+    # Rank 1 reads other shards than test-000002, and refuses all the same: no rank is left waiting.
+    for rank in (0, 1):
+        with pytest.raises(CorruptShardError, match=r"test-000002.tar: 1536 bytes, the manifest says") as error:
+            eval_loader(copy, "test", data_config(), batch_size=2, rank=rank, world_size=2)
+        assert_one_line_naming(error, cut, copy)
+
+
+@pytest.mark.parametrize("stream", ["train", "eval"])
+def test_a_shard_damaged_while_a_worker_reads_it_is_one_line_too(shards, tmp_path, stream):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    if stream == "train":
+        loader = train_loader(copy, data_config(num_workers=2), batch_size=4, seed=0, epoch=0)
+    else:
+        loader = eval_loader(copy, "test", data_config(), batch_size=2, num_workers=2)
+    assert loader.num_workers == 2
+    for path in copy.glob(f"{'train' if stream == 'train' else 'test'}-*.tar"):  # cut after the check
+        path.write_bytes(path.read_bytes()[:2048])
+    with pytest.raises(CorruptShardError, match=r"-0000\d\d\.tar: the file ends (inside|before)") as error:
+        list(loader)
+    message = str(error.value)
+    assert "\n" not in message and f"diffmic verify {copy}" in message and "Traceback" not in message
 
 
 def test_long_keys_survive_the_round_trip(tmp_path):

@@ -117,3 +117,17 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_eval_on_a_changed_shard_stops_with_one_line_naming_it(tiny_run, digits_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(digits_shards, copy)
+    shard = copy / "test-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = diffmic_here(["eval", "--run", str(tiny_run), "--checkpoint", "last", "--shards", str(copy),
+                           "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "test-000001.tar: sha256 differs" in result.stderr and f"diffmic verify {copy}" in result.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()

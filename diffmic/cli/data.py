@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import typer
@@ -68,7 +69,7 @@ def shard(
       diffmic shard --dataset imagefolder --root data/pmg2000 --out shards/pmg2000
       diffmic shard --dataset ham10000 --split-from train.pkl --split-from test.pkl   (the authors' split)
     """
-    from ..data import ShardOptions, shard_dataset
+    from ..data import ShardOptions, ShardWarning, shard_dataset
 
     options = ShardOptions(
         dataset=dataset, root=root, out=out, name=name, size=size, image_format=image_format, quality=quality,
@@ -76,11 +77,14 @@ def shard(
         split_from=list(split_from or []), skip_bad=skip_bad, overwrite=overwrite,
         classes=[part.strip() for part in classes.split(",")] if classes else None,
         **({"workers": workers} if workers is not None else {}))
-    with _progress_bar() as bar:
+    with _progress_bar() as bar, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", ShardWarning)
         task = bar.add_task(f"sharding {options.name}", total=None)
         manifest = shard_dataset(options, progress=lambda done, total: bar.update(task, completed=done,
                                                                                    total=total))
     console.print(_counts_table(manifest))
+    for warning in said:
+        error_console.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     if manifest.rejected:
         console.print(f"[yellow]{manifest.rejected} input(s) left out: see {options.out / 'rejected.csv'}[/]")
     console.print(f"wrote {options.out}; check it any time with: diffmic verify {options.out}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import sources, presplit, digits  # noqa: F401,I001
 from .images import preprocess_image
 from .manifest import Manifest, ManifestError, ShardEntry, SplitInfo, read_manifest, steps_per_epoch
-from .sharding import ShardOptions, shard_dataset
+from .sharding import ShardOptions, ShardWarning, shard_dataset
 from .sources import ShardError
 from .verify import verify_shards
 
@@ -32,6 +32,6 @@ def shard_dir_for(data) -> str:
     return data.shards or f"shards/{data.dataset}"
 
 
-__all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "SplitInfo", "eval_loader",
-           "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
+__all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "ShardWarning", "SplitInfo",
+           "eval_loader", "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
            "steps_per_epoch", "train_loader", "verify_shards", "TrainLoader", "EvalLoader"]

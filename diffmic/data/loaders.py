@@ -15,6 +15,7 @@ once; no resampling, no padding, no collectives.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import AugmentConfig, DataConfig
 from .images import augment_image, decode_image, preprocess_image
-from .manifest import Manifest, ManifestError, read_manifest, steps_per_epoch
-from .shardio import iter_shard_samples
+from .manifest import CorruptShardError, Manifest, ManifestError, read_manifest, steps_per_epoch
+from .verify import check_shard_files, read_shard
 
 SAMPLE_STREAM, AUGMENT_STREAM = 0, 1
 
@@ -81,6 +82,46 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which Slurm and taskset set), as the DataLoader
+    counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_told_about_cap = False
+
+
+def usable_workers(requested: int) -> int:
+    """data.num_workers, at most one per available CPU: more workers only compete for the same cores, and
+    every DataLoader would warn about it again each epoch. Said once per process."""
+    global _told_about_cap
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if not _told_about_cap:
+        _told_about_cap = True
+        warnings.warn(f"data.num_workers={requested} but this process may use {cpus} CPU(s): using {cpus} loader "
+                      f"worker(s)", stacklevel=3)
+    return cpus
+
+
+def _relay_errors(items: Iterator[dict]) -> Iterator[dict]:
+    """Inside a DataLoader worker: a damaged shard becomes one {"error": message} item, which `_raise_relayed`
+    raises in the main process as the one line it is (the DataLoader would re-raise it with the worker's
+    whole traceback as its message)."""
+    try:
+        yield from items
+    except CorruptShardError as error:
+        yield {"error": str(error)}
+
+
+def _raise_relayed(items) -> Iterator[dict]:
+    for item in items:
+        if "error" in item:
+            raise CorruptShardError(item["error"])
+        yield item
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
@@ -110,7 +151,7 @@ def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
     weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
     buffer: list[dict] = []
     while True:
-        for sample in iter_shard_samples(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
+        for sample in read_shard(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
             if len(buffer) < plan.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -151,7 +192,7 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        return worker_train_batches(self.plan, info.id if info else 0, self.normalise)
+        return _relay_errors(worker_train_batches(self.plan, info.id if info else 0, self.normalise))
 
 
 class TrainLoader:
@@ -166,9 +207,9 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return worker_train_batches(self.plan, 0, self.normalise)
-        return iter(DataLoader(_TrainStream(self.plan, self.normalise), batch_size=None,
-                               num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                               generator=_private_generator()))
+        return _raise_relayed(DataLoader(_TrainStream(self.plan, self.normalise), batch_size=None,
+                                         num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                                         generator=_private_generator()))
 
 
 def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -181,7 +222,8 @@ def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch:
     steps = steps_per_epoch(manifest, batch_size, world_size)
     if not 0 <= start_batch <= steps:
         raise ValueError(f"start_batch {start_batch} is not in 0..{steps} (steps per epoch)")
-    workers = data.num_workers if num_workers is None else num_workers
+    check_shard_files(manifest, info.shards)  # every rank draws from every train shard
+    workers = usable_workers(data.num_workers if num_workers is None else num_workers)
     plan = TrainPlan(shards=tuple(str(path) for path in manifest.shard_paths("train")),
                      counts=tuple(entry.count for entry in info.shards), image_format=manifest.image_format,
                      batch_size=batch_size, steps=steps, start_batch=start_batch, workers=max(workers, 1),
@@ -196,7 +238,7 @@ def eval_batches(shards: list[str], image_format: str, batch_size: int, normalis
     workers, and batch-dependent floating-point rounding cannot make results depend on them."""
     for shard in shards:
         pending: list[dict] = []
-        for sample in iter_shard_samples(Path(shard)):
+        for sample in read_shard(Path(shard)):
             pending.append(sample)
             if len(pending) == batch_size:
                 yield _eval_batch(pending, image_format, normalise)
@@ -219,7 +261,7 @@ class _EvalStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         shards = self.worker_shards[info.id if info else 0]
-        return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
+        return _relay_errors(eval_batches(shards, self.image_format, self.batch_size, self.normalise))
 
 
 class EvalLoader:
@@ -239,8 +281,8 @@ class EvalLoader:
             shards = self.worker_shards[0] if self.worker_shards else []
             return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
         stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=torch.cuda.is_available(), generator=_private_generator()))
+        return _raise_relayed(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                         pin_memory=torch.cuda.is_available(), generator=_private_generator()))
 
 
 def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -252,8 +294,11 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     manifest = read_manifest(shard_dir)
     check_compatible(manifest, data)
+    # Every rank checks the whole split, so that a damaged shard stops all ranks alike instead of leaving
+    # the others waiting for the one that stopped.
+    check_shard_files(manifest, manifest.split_info(split).shards)
     entries = manifest.split_info(split).shards[rank::world_size]
-    requested = data.num_workers if num_workers is None else num_workers
+    requested = usable_workers(data.num_workers if num_workers is None else num_workers)
     readers = max(requested, 1)  # 0 workers still means one reader: the main process
     workers = min(readers, len(entries))
     if len(entries) < readers:

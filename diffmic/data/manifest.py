@@ -17,6 +17,11 @@ class ManifestError(ValueError):
     """A shard folder is missing, unfinished or inconsistent; the message names the file and the fix."""
 
 
+class CorruptShardError(ManifestError):
+    """A shard differs from its manifest entry or does not read as a tar: one line naming the shard and
+    `diffmic verify`."""
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     file: str  # name inside the shard folder

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ SHOWN_PROBLEMS = 20
 REJECTED_NAME = "rejected.csv"
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images in total)
+
+
+class ShardWarning(UserWarning):
+    """The shards were written, but not quite as asked (the command line prints these as warnings)."""
 
 
 @dataclass
@@ -107,6 +112,11 @@ def shard_dataset(options: ShardOptions, progress: ProgressCallback | None = Non
         records = apply_given_splits(records, problems, read_split_files(options.split_from), described)
     require_every_class(records, source.classes, "")
     splits = assign_splits(records, options.test_fraction, options.val_fraction, options.seed, options.grouped)
+    if options.val_fraction > 0 and "val" not in splits:
+        warnings.warn(ShardWarning(
+            f"no val split: --val-fraction {options.val_fraction} of {len(splits['train'])} training images rounds "
+            f"to none in every class, and training validates on val by default; shard again with a larger "
+            f"--val-fraction (e.g. 0.2) and --overwrite, or train with --set train.val_every=0"), stacklevel=2)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     work = make_work_folder(options.out)
     try:

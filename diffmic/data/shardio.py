@@ -108,8 +108,10 @@ def iter_tar_files(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name = None
     while True:
         header = handle.read(512)
+        if not header:
+            raise ValueError("the file ends before the tar's end-of-archive blocks (it was cut short)")
         if not header.strip(b"\0"):
-            return  # end-of-archive blocks (or a clean end of file)
+            return  # end-of-archive blocks
         if len(header) < 512:
             raise ValueError("the file ends inside a tar header")
         if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):

@@ -66,7 +66,8 @@ def relative_name(path: Path, root: Path) -> str:
 
 
 def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) pairs; ShardError naming the file when a required column is missing."""
+    """(line number, row) pairs; ShardError naming the file when a required column is missing or no row
+    follows the header."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or []]
@@ -75,8 +76,11 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]
             raise ShardError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
                              f"{', '.join(columns) or 'no header'}); check --dataset and use the file as "
                              f"downloaded")
-        return [(number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)})
+        rows = [(number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)})
                 for number, row in enumerate(reader, start=2)]
+    if not rows:
+        raise ShardError(f"{path} has a header but no rows; use the complete file as downloaded")
+    return rows
 
 
 def index_images(folders: list[Path]) -> dict[str, list[Path]]:

@@ -1,19 +1,72 @@
-"""`diffmic verify`: re-reads a shard folder against its manifest and names every problem found."""
+"""`diffmic verify`: re-reads a shard folder against its manifest and names every problem found; and the
+quick check (size and sha256 of each shard) that every process reading shards runs first.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image
 
-from .manifest import Manifest, ShardEntry, read_manifest
+from .manifest import CorruptShardError, Manifest, ShardEntry, read_manifest
 from .shardio import file_sha256, iter_shard_samples
 
 EXPECTED_MEMBERS = ("cls", "json")
+# Shards whose size and sha256 matched in this process, with the (size, mtime, inode) they had then.
+_MATCHED: dict[Path, tuple[int, int, int]] = {}
+
+
+def verify_hint(folder: Path) -> str:
+    return (f"run `diffmic verify {folder}` for a full check, and re-create the shards with "
+            f"`diffmic shard ... --out {folder} --overwrite`")
+
+
+def file_problems(path: Path, entry: ShardEntry, stat: os.stat_result | None) -> list[str]:
+    """What is wrong with one shard file as a file (missing, size, sha256), against its manifest entry."""
+    if stat is None:
+        return ["missing"]
+    problems = []
+    if stat.st_size != entry.bytes:
+        problems.append(f"{stat.st_size} bytes, the manifest says {entry.bytes}")
+    if file_sha256(path) != entry.sha256:
+        problems.append("sha256 differs from the manifest (the file changed or is corrupt)")
+    return problems
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's status, None when it is missing or is not a regular file."""
+    return path.stat() if path.is_file() else None
+
+
+def check_shard_files(manifest: Manifest, entries: list[ShardEntry]) -> None:
+    """Raises CorruptShardError for the first shard of `entries` whose size or sha256 differs from the
+    manifest, before this process reads it. A shard that matched is hashed again only once its size, mtime
+    or inode change, so each epoch's loader costs a stat per shard. Hashing reads about 1.4 GB/s on one
+    core of the development machine (HAM10000 at 224 px: about 0.2 s)."""
+    for entry in entries:
+        path = manifest.folder / entry.file
+        stat = _stat(path)
+        seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if seen is not None and _MATCHED.get(path) == seen:
+            continue
+        problems = file_problems(path, entry, stat)
+        if problems:
+            raise CorruptShardError(f"{path}: {problems[0]}; {verify_hint(manifest.folder)}")
+        _MATCHED[path] = seen
+
+
+def read_shard(path: Path) -> Iterator[dict]:
+    """The samples of one shard for the training and eval streams; a tar that does not read (truncated,
+    damaged header) is a CorruptShardError of one line."""
+    try:
+        yield from iter_shard_samples(path)
+    except ValueError as error:
+        raise CorruptShardError(f"{error}; {verify_hint(path.parent)}") from None
 
 
 def verify_shards(shard_dir: str | Path, progress: Callable[[int, int], None] | None = None) -> list[str]:
@@ -49,13 +102,10 @@ def verify_shards(shard_dir: str | Path, progress: Callable[[int, int], None] | 
 def _verify_shard(manifest: Manifest, entry: ShardEntry, problems: list[str]) -> list[tuple[str, int | None]]:
     """(key, label) of each sample read from one shard; its problems are appended to `problems`."""
     path = manifest.folder / entry.file
-    if not path.is_file():
-        problems.append(f"{entry.file}: missing")
+    stat = _stat(path)
+    problems += [f"{entry.file}: {problem}" for problem in file_problems(path, entry, stat)]
+    if stat is None:
         return []
-    if path.stat().st_size != entry.bytes:
-        problems.append(f"{entry.file}: {path.stat().st_size} bytes, the manifest says {entry.bytes}")
-    if file_sha256(path) != entry.sha256:
-        problems.append(f"{entry.file}: sha256 differs from the manifest (the file changed or is corrupt)")
     found: list[tuple[str, int | None]] = []
     try:
         for sample in iter_shard_samples(path):
