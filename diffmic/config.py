@@ -352,7 +352,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(values, overrides or []))
 
 
-def _read_yaml(path: Path, children: tuple[Path, ...] = ()) -> dict:
+def config_values(path: str | Path, chain: list[Path] | None = None) -> dict:
+    """The values a config file sets, with its `base:` chain merged in and no defaults filled in. `chain`,
+    when given, receives the files read: this one first, then its base, and so on."""
+    return _read_yaml(Path(path), chain=chain)
+
+
+def _read_yaml(path: Path, children: tuple[Path, ...] = (), chain: list[Path] | None = None) -> dict:
+    if chain is not None:
+        chain.append(path)
     if not path.exists():
         raise ConfigError("", f"config file {path} does not exist; pass --config with a file from configs/")
     if not path.is_file():
@@ -370,7 +378,7 @@ def _read_yaml(path: Path, children: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / str(base)).resolve()
     if base_path in children + (path.resolve(),):
         raise ConfigError("base", f"{path} names {base_path} as its base, which leads back to itself")
-    return _merge(_read_yaml(base_path, children + (path.resolve(),)), values)
+    return _merge(_read_yaml(base_path, children + (path.resolve(),), chain), values)
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -12,23 +12,30 @@ from . import train as _train  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401  (eval, predict)
 from . import status as _status  # noqa: F401
 from . import model as _model  # noqa: F401  (model-summary)
+from . import configs as _configs  # noqa: F401  (configs list, show, copy, path)
 
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"diffmic {__version__}")
+        import torch
+
+        cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA build"
+        devices = f"{torch.cuda.device_count()} GPU(s) visible" if torch.cuda.is_available() else "no GPU visible"
+        typer.echo(f"diffmic {__version__} (torch {torch.__version__}, {cuda}, {devices})")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version (and torch's, CUDA's) and exit.")) -> None:
     """DiffMIC: dual-guidance diffusion for medical image classification.
 
     The usual path: shard a dataset, train on the shards, evaluate the run:
       diffmic shard --dataset ham10000          (reads data/ham10000, writes shards/ham10000)
       diffmic train --dataset ham10000          (configs/ham10000.yaml; writes runs/ham10000-<time>)
       diffmic eval --run runs/ham10000-<time>
+
+    Configs and launch files ship with diffmic: `diffmic configs list` shows them.
 
     `diffmic COMMAND -h` shows each command's options and examples.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -27,6 +28,20 @@ class UserError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
                                                  SlurmError, NonFiniteLossError)
+
+
+def config_file(config: Path | str | None, dataset: str | None) -> Path:
+    """The experiment YAML of `--config NAME`, else of `--dataset NAME` (configs/NAME.yaml): a path, then
+    ./configs/, then the configs packaged with diffmic (diffmic.packaged owns the order)."""
+    from ..packaged import NotFoundError, find_file
+
+    if config is None and dataset is None:
+        raise UserError("pass --config FILE or --dataset NAME (configs/NAME.yaml)")
+    try:
+        return find_file(str(config) if config is not None else f"configs/{dataset}.yaml", "configs", "config")
+    except NotFoundError as error:
+        given = "--config" if config is not None else f"--dataset {dataset}"
+        raise UserError(f"{error} ({given}); pass --config FILE, or see `diffmic configs list`") from None
 
 
 def run_command(application: typer.Typer) -> None:

@@ -7,13 +7,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import SET_OPTION, UserError, app, console
+from .common import SET_OPTION, app, config_file, console
 
 
 @app.command("model-summary")
 def model_summary(
-    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML. Default: configs/<dataset>.yaml."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml."),
+    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML: a path, or a name in ./configs/ "
+                                                            "or among the packaged configs. Default: "
+                                                            "configs/<dataset>.yaml."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml (here, else packaged)."),
     overrides: list[str] = SET_OPTION,
 ) -> None:
     """Print the parameter count of every part of the model a config builds.
@@ -25,9 +27,7 @@ def model_summary(
     from ..config import load_config
     from ..models import build_model
 
-    if config is None and dataset is None:
-        raise UserError("pass --config FILE or --dataset NAME (configs/NAME.yaml)")
-    config = config or Path("configs") / f"{dataset}.yaml"
+    config = config_file(config, dataset)
     cfg = load_config(config, overrides or [])
     model = build_model(cfg)
     table = Table(title=f"{config} (variant {cfg.model.variant}, {cfg.data.num_classes} classes, "

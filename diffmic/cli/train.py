@@ -8,10 +8,9 @@ from pathlib import Path
 import typer
 
 from . import launch as slurm
-from .common import SET_OPTION, UserError, app, console
+from .common import SET_OPTION, UserError, app, config_file, console
 
 SHARDS_ROOT = Path("shards")
-CONFIGS_ROOT = Path("configs")
 
 
 def shard_folders(root: Path = SHARDS_ROOT) -> list[Path]:
@@ -20,7 +19,8 @@ def shard_folders(root: Path = SHARDS_ROOT) -> list[Path]:
 
 def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None) -> tuple[Path, Path | None]:
     """(config file, shard folder or None for the config's own) from the short forms:
-    --dataset NAME means configs/NAME.yaml and shards/NAME; with neither flag, the only shard folder."""
+    --dataset NAME means configs/NAME.yaml (here, else packaged) and shards/NAME; with neither flag, the
+    only shard folder."""
     if config is None and dataset is None:
         if shards is not None:
             dataset = shards.name
@@ -31,12 +31,7 @@ def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None
                 raise UserError(f"pass --config FILE or --dataset NAME: {SHARDS_ROOT}/ holds {len(found)} shard "
                                 f"folders ({choices}); make one with `diffmic shard --dataset NAME`")
             dataset, shards = found[0].name, found[0]
-    if config is None:
-        config = CONFIGS_ROOT / f"{dataset}.yaml"
-        if not config.is_file():
-            available = ", ".join(p.stem for p in sorted(CONFIGS_ROOT.glob("*.yaml"))) or "none"
-            raise UserError(f"no config {config} for dataset '{dataset}'; pass --config FILE "
-                            f"(configs here: {available})")
+    config = config_file(config, dataset)
     if shards is None and dataset is not None:
         shards = SHARDS_ROOT / dataset
     return config, shards
@@ -44,8 +39,11 @@ def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None
 
 @app.command("train")
 def train_command(
-    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML. Default: configs/<dataset>.yaml."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml and shards/NAME."),
+    config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML: a path, or a name in ./configs/ "
+                                                            "or among the packaged configs. Default: "
+                                                            "configs/<dataset>.yaml."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml (here, else packaged) "
+                                                              "and shards/NAME."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: data.shards of the config, "
                                                        "else shards/<data.dataset>."),
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run folder; an existing one is resumed from its "
@@ -81,7 +79,7 @@ def train_command(
         arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve())}
         slurm.launch("train", arguments, target, options, dry_run, wait)
         return
-    result = train(cfg, shard_dir, run_dir, progress=progress)
+    result = train(cfg, shard_dir, run_dir, progress=progress, facts={"config_file": str(config_path.resolve())})
     summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"
     if result.best_step >= 0:
         summary += f"; best {cfg.train.select_metric} {result.best_score:.4f} at step {result.best_step}"

@@ -9,11 +9,11 @@ import json
 import os
 import socket
 import warnings
-from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..packaged import NotFoundError, find_file
 
 
 def free_port() -> int:
@@ -43,9 +43,10 @@ def uses_deepspeed(train: TrainConfig) -> bool:
 def deepspeed_config(train: TrainConfig, precision: str) -> dict:
     """The JSON file of `train.deepspeed_config` with the values diffmic owns filled in from the config,
     so the two can never disagree (batch, accumulation, clipping, precision)."""
-    path = Path(train.deepspeed_config)
-    if not path.is_file():
-        raise ConfigError("train.deepspeed_config", f"{path} does not exist; use launch/deepspeed/zero2.json")
+    try:  # a path, then ./launch/, then the packaged launch files (diffmic.packaged)
+        path = find_file(train.deepspeed_config, "launch", "DeepSpeed config")
+    except NotFoundError as error:
+        raise ConfigError("train.deepspeed_config", f"{error}; use launch/deepspeed/zero2.json") from None
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as error:

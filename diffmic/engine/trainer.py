@@ -91,8 +91,10 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, config: Config, shard_dir: str | Path, run_dir: str | Path | None, progress: bool = True):
+    def __init__(self, config: Config, shard_dir: str | Path, run_dir: str | Path | None, progress: bool = True,
+                 facts: dict | None = None):
         self.config, self.train_cfg = config, config.train
+        self.caller_facts = dict(facts or {})  # what the caller knows about the run (the config file), for run.json
         self.shard_dir = Path(shard_dir)
         self.manifest = read_manifest(self.shard_dir)
         check_shards(self.manifest, config.data)
@@ -145,13 +147,13 @@ class Trainer:
             facts = {"world_size": self.world, "global_batch": global_batch,
                      "batch_per_device": self.train_cfg.batch_size, "grad_accum": self.train_cfg.grad_accum,
                      "mixed_precision": mixed_precision, "distributed": acc.distributed_type.value,
-                     "steps_per_epoch": self.steps_per_epoch, "select_split": self.select_split}
+                     "steps_per_epoch": self.steps_per_epoch, "select_split": self.select_split, **self.caller_facts}
             self.provenance = write_run_files(self.run_dir, self.config, self.manifest, facts)
             ckpt.remove_partials(self.run_dir)
             self.print(f"run {self.run_dir}: {self.world} process(es) on {acc.device}, {precision} "
                        f"precision, global batch {global_batch} ({self.train_cfg.batch_size} per device x "
                        f"{self.world} x {self.train_cfg.grad_accum} accumulation), {self.steps_per_epoch} "
-                       f"steps per epoch")
+                       f"steps per epoch" + (f"; config {facts['config_file']}" if "config_file" in facts else ""))
             if self.select_split == "test":
                 self.print("[bold yellow]model selection uses the TEST split (the authors' protocol): "
                            "its test scores are optimistic[/]")
@@ -414,9 +416,10 @@ class TrainProgress:
 
 
 def train(config: Config, shard_dir: str | Path, run_dir: str | Path | None = None, resume: bool = True,
-          progress: bool = True) -> TrainResult:
-    """Trains (or resumes) a run; the same call for one process or many."""
-    trainer = Trainer(config, shard_dir, run_dir, progress)
+          progress: bool = True, facts: dict | None = None) -> TrainResult:
+    """Trains (or resumes) a run; the same call for one process or many. `facts` (such as the config file
+    the command line read) are recorded in run.json."""
+    trainer = Trainer(config, shard_dir, run_dir, progress, facts)
     try:
         trainer.prepare_run()
         if resume:
