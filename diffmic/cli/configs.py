@@ -11,11 +11,12 @@ from .common import UserError, app, config_file, console
 
 configs_app = typer.Typer(no_args_is_help=True, help="""List, print, copy or locate the configs and launch files.
 
-A name (`ham10000`, `reference/ham10000`, `accelerate/multi_gpu`) means, in this order: that path, the
-file in ./configs/ (or ./launch/), the file packaged with diffmic. Examples:
+A name (ham10000, reference/ham10000, accelerate/multi_gpu) means, in this order: that path, the file in ./configs/ (or ./launch/), the file packaged with diffmic.
+
+Examples:
   diffmic configs list
   diffmic configs show reference/ham10000
-  diffmic configs copy ham10000 configs/   (an editable ./configs/ham10000.yaml, used from then on)
+  diffmic configs copy ham10000 configs/   (an editable configs/ham10000.yaml, used from then on)
   accelerate launch --config_file $(diffmic configs path accelerate/multi_gpu) -m diffmic train --dataset ham10000
 """)
 app.add_typer(configs_app, name="configs")
@@ -65,15 +66,19 @@ def list_command() -> None:
     for column in ("name", "dataset", "classes", "size", "variant", "where"):
         table.add_column(column, justify="right" if column in ("classes", "size") else "left",
                          no_wrap=column in ("name", "where"))
+    broken = []
     for name, (path, where) in _config_names().items():
         try:
             cfg = load_config(path)
         except ConfigError as error:
-            table.add_row(name, f"[red]{error}[/]", "", "", "", where)
+            table.add_row(name, "[red]error[/]", "", "", "", where)
+            broken.append(f"{path}: {error}")
             continue
         table.add_row(name, cfg.data.dataset, str(cfg.data.num_classes), str(cfg.data.image_size),
                       cfg.model.variant, where)
     console.print(table)
+    for line in broken:
+        console.print(f"[red]unreadable:[/] {line}", highlight=False, soft_wrap=True)
 
 
 @configs_app.command("show")
@@ -99,8 +104,7 @@ def copy_command(
     destination: str = typer.Argument(..., metavar="PATH", help="The new file, or a folder (existing, or ending "
                                                                 "in /) to put it in under its own name."),
 ) -> None:
-    """Write an editable copy of a config or launch file; a config's base: chain is merged in, so the copy
-    stands alone.
+    """Write an editable copy of a config or launch file (a config's base: chain merged in: it stands alone).
 
     Examples:
       diffmic configs copy ham10000 configs/        (./configs/ham10000.yaml, used by --dataset ham10000 from then on)
