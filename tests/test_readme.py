@@ -1,10 +1,11 @@
 """Every command the README shows runs as written, or the README says why the suite cannot run it.
 
 The commands are taken from the README itself (```bash blocks and inline code that starts with a program)
-and run in order in a scratch project that holds the repository's configs/ and launch/ and small datasets
-in their native layouts under data/. Three adjustments keep it to a CPU and about a minute, and all only
+and run in order in a scratch folder outside the repository, as a user's project: small datasets in their
+native layouts under data/, and no configs/ or launch/ of its own (the packaged ones are found by name). Three adjustments keep it to a CPU and about a minute, and all only
 add options: `diffmic shard` gets --size 32, `diffmic train` gets TRAIN_BUDGET overrides (32 px, a smaller
-model, one step of each phase), and Slurm submissions get --dry-run. Placeholders (<time>, NAME) are filled with what the earlier commands made.
+model, one step of each phase), and Slurm submissions get --dry-run. Placeholders (<time>, NAME,
+$(diffmic configs path NAME)) are filled with what the earlier commands made or what that command prints.
 """
 
 from __future__ import annotations
@@ -70,11 +71,9 @@ def test_the_readme_explains_every_command_the_suite_does_not_run():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A user's working folder: the repository's configs and launch files, three downloads in their
-    native layouts, and two images to predict on."""
+    """A user's working folder outside the repository: three downloads in their native layouts and three
+    images to predict on; configs and launch files come from the package."""
     root = tmp_path_factory.mktemp("user")
-    for folder in ("configs", "launch"):
-        shutil.copytree(REPO / folder, root / folder)
     ham_metadata_layout(root / "data" / "ham10000", lesions_per_class=8)
     aptos_layout(root / "data" / "aptos2019", per_class=8)
     imagefolder_layout(root / "data" / "pmg2000", classes=("ductal", "lobular", "mucinous", "papillary"),
@@ -86,7 +85,12 @@ def project(tmp_path_factory) -> Path:
 
 
 def fill_placeholders(command: str, root: Path) -> str:
-    """<time> names the first run of that dataset (later ones may still be training in the background)."""
+    """<time> names the first run of that dataset (later ones may still be training in the background);
+    $(diffmic configs path NAME) is what that command prints, as a shell would substitute it."""
+    for name in re.findall(r"\$\(diffmic configs path ([\w./-]+)\)", command):
+        found = diffmic_here(["configs", "path", name], cwd=root)
+        check(found, f"diffmic configs path {name}")
+        command = command.replace(f"$(diffmic configs path {name})", found.stdout.strip())
     if "<time>" in command:
         prefix = re.search(r"runs/([\w-]+)-<time>", command).group(1)
         runs = sorted((root / "runs").glob(f"{prefix}-*"), key=lambda path: path.stat().st_mtime)
