@@ -96,7 +96,8 @@ def test_configs_list_shows_packaged_and_local_ones(elsewhere):
 def test_configs_show_resolves_the_base_chain(elsewhere):
     result = diffmic_here(["configs", "show", "reference/ham10000"], cwd=elsewhere)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"# reference/ham10000: {packaged_root() / 'configs' / 'reference' / 'ham10000.yaml'}")
+    packaged = packaged_root() / "configs" / "reference" / "ham10000.yaml"
+    assert result.stdout.startswith(f"# reference/ham10000: {packaged}")
     assert f"<- {packaged_root() / 'configs' / 'ham10000.yaml'}" in result.stdout
     shown = elsewhere / "shown.yaml"
     shown.write_text(result.stdout)

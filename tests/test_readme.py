@@ -2,9 +2,10 @@
 
 The commands are taken from the README itself (```bash blocks and inline code that starts with a program)
 and run in order in a scratch folder outside the repository, as a user's project: small datasets in their
-native layouts under data/, and no configs/ or launch/ of its own (the packaged ones are found by name). Three adjustments keep it to a CPU and about a minute, and all only
-add options: `diffmic shard` gets --size 32, `diffmic train` gets TRAIN_BUDGET overrides (32 px, a smaller
-model, one step of each phase), and Slurm submissions get --dry-run. Placeholders (<time>, NAME,
+native layouts under data/, and no configs/ or launch/ of its own (the packaged ones are found by name).
+Three adjustments keep it to a CPU and about a minute, and all only add options: `diffmic shard` gets
+--size 32, `diffmic train` gets TRAIN_BUDGET overrides (32 px, a smaller model, one step of each phase),
+and Slurm submissions get --dry-run. Placeholders (<time>, NAME,
 $(diffmic configs path NAME)) are filled with what the earlier commands made or what that command prints.
 """
 

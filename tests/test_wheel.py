@@ -35,7 +35,8 @@ import os, sys
 _root = os.environ.get("DIFFMIC_GUARD_ROOT")
 if _root:
     _root = os.path.realpath(_root) + os.sep
-    _allowed = tuple(os.path.realpath(p) + os.sep for p in os.environ.get("DIFFMIC_GUARD_ALLOW", "").split(os.pathsep) if p)
+    _allowed = tuple(os.path.realpath(part) + os.sep
+                     for part in os.environ.get("DIFFMIC_GUARD_ALLOW", "").split(os.pathsep) if part)
     _log = os.environ["DIFFMIC_GUARD_LOG"]
 
     def _guard(event, args):

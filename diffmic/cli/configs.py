@@ -143,7 +143,9 @@ def _standalone_text(source: Path, name: str) -> str:
 
 
 @configs_app.command("path")
-def path_command(name: str = typer.Argument(..., help="A config or launch file name, e.g. accelerate/multi_gpu.")) -> None:
+def path_command(
+    name: str = typer.Argument(..., help="A config or launch file name, e.g. accelerate/multi_gpu."),
+) -> None:
     """Print where a config or launch file is, for tools that need a path (accelerate launch --config_file).
 
     Examples:

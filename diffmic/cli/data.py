@@ -22,6 +22,10 @@ def _by_default(value_of) -> str:
     return ", ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
 
 
+def _shown_root(layout) -> str:
+    return layout.root.format(name="<name>") if layout.root else "none: it reads no files"
+
+
 def _layouts_epilog() -> str:
     return "Layouts (--dataset):\n\n" + "\n\n".join(f"  {layout.name}: {layout.summary}" for layout in LAYOUTS.values())
 
@@ -35,8 +39,7 @@ def _progress_bar() -> Progress:
 def shard(
     dataset: str = typer.Option(..., "--dataset", "-d", help=f"Source layout: {', '.join(LAYOUTS)} (see below)."),
     root: Path = typer.Option(None, "--root", help="The download's folder (or file, for pkl and medmnist). Default: "
-                              + _by_default(lambda layout: layout.root.format(name="<name>") if layout.root else "none: "
-                                          "it reads no files") + "; <name> is --name."),
+                              + _by_default(_shown_root) + "; <name> is --name."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: shards/<name>."),
     name: str = typer.Option(None, "--name", help="Dataset name in the manifest and default paths. Default: the "
                                                   "--out folder's name, else the layout."),
