@@ -46,5 +46,8 @@ def status_command(
         last = validation[-1]
         console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
                       f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
+    curves = Path(run) / "curves.png"
+    console.print(f"training curves: {curves} (redraw with: diffmic report {run})" if curves.is_file()
+                  else f"training curves: draw them with: diffmic report {run}", highlight=False)
     if failed:
         raise UserError("; ".join(failed))
