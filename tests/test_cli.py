@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import diffmic_here
 
-COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "report", "model-summary"]  # --help order
+COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "report", "sweep", "compare", "model-summary"]  # --help order
 # The same thing has the same name everywhere.
 SHARED_OPTIONS = {
     "--run": ["eval", "predict", "status", "report"],

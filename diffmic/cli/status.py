@@ -14,7 +14,8 @@ def status_command(
     run_argument: Path = typer.Argument(None, metavar="RUN", help="Run folder of a job submitted with --slurm."),
     run_option: Path = typer.Option(None, "--run", help="The same, spelt as in eval and predict."),
 ) -> None:
-    """Show the state of a run's Slurm jobs and its last logged metrics; non-zero exit if a job failed.
+    """Show the state of a run's Slurm jobs and its last logged metrics, or of every run of a sweep; non-zero
+    exit if a job or run failed.
 
     Examples:
       diffmic status runs/ham10000-20261125-101500
@@ -26,6 +27,13 @@ def status_command(
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
     run = run_argument or run_option
+    if (run / "sweep.json").is_file():
+        from .sweep import print_sweep_status
+
+        failed_runs = print_sweep_status(run)
+        if failed_runs:
+            raise UserError(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
+        return
 
     records = job_records(run)
     failed = []
