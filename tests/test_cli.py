@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from engine_helpers import diffmic_here
 
-COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "model-summary", "configs"]  # --help order
+COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "report", "sweep", "compare", "model-summary",
+            "configs"]  # --help order
 # The same thing has the same name everywhere.
 SHARED_OPTIONS = {
-    "--run": ["eval", "predict", "status"],
+    "--run": ["eval", "predict", "status", "report"],
     "--config": ["train", "model-summary"],
     "--dataset": ["shard", "train", "model-summary"],
     "--set": ["train", "model-summary"],
@@ -51,6 +52,7 @@ def test_every_command_has_help_with_an_example(command):
     (["train", "--set", "train.lr=1", "train.epochs=2"], "unexpected extra argument"),
     (["eval", "--run", "runs/x", "--nope"], "No such option: --nope"),
     (["status"], "give the run folder once"),
+    (["report"], "give the run folder once"),
     (["model-summary"], "--config FILE or --dataset NAME"),
 ])
 def test_usage_mistakes_get_a_message_and_exit_2(args, message):

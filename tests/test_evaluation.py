@@ -54,7 +54,8 @@ def test_outputs_are_complete_and_consistent(single_process_eval, digits_shards)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "auroc_macro_ovr", "kappa_quadratic", "per_class",
                 "dcg_accuracy", "dcg_macro_f1", "num_images", "sampler", "steps", "n_samples", "seconds",
-                "images_per_s", "checkpoint", "manifest_sha256"):
+                "images_per_s", "checkpoint", "manifest_sha256", "ece", "brier", "nll", "dcg_ece", "dcg_brier",
+                "dcg_nll", "uncertainty_auroc", "selective_accuracy"):
         assert key in metrics, key
     rows = read_csv(out / "predictions.csv")
     assert metrics["num_images"] == len(rows) == read_manifest(digits_shards).split_info("test").count
@@ -62,7 +63,9 @@ def test_outputs_are_complete_and_consistent(single_process_eval, digits_shards)
     correct = sum(row["label"] == row["predicted"] for row in rows)
     assert metrics["accuracy"] == pytest.approx(correct / len(rows))
     assert {"uncertainty", "spread_0", "prob_9", "dcg_predicted"} <= set(rows[0])
-    for name in ("confusion_matrix.png", "trajectory.png"):
+    assert set(metrics["selective_accuracy"]) == {"100%", "90%", "80%", "70%"}
+    assert metrics["selective_accuracy"]["100%"] == pytest.approx(metrics["accuracy"])
+    for name in ("confusion_matrix.png", "trajectory.png", "reliability.png", "selective.png"):
         with Image.open(out / name) as image:
             image.verify()
         with Image.open(out / name) as image:

@@ -11,6 +11,8 @@ from . import data as _data  # noqa: F401  (shard, verify, info)
 from . import train as _train  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401  (eval, predict)
 from . import status as _status  # noqa: F401
+from . import report as _report  # noqa: F401  (curves.png)
+from . import sweep as _sweep  # noqa: F401  (sweep, compare)
 from . import model as _model  # noqa: F401  (model-summary)
 from . import configs as _configs  # noqa: F401  (configs list, show, copy, path)
 

@@ -14,7 +14,7 @@ def status_command(
     run_argument: Path = typer.Argument(None, metavar="RUN", help="Run folder of a job submitted with --slurm."),
     run_option: Path = typer.Option(None, "--run", help="The same, spelt as in eval and predict."),
 ) -> None:
-    """Show the state of a run's Slurm jobs and its last logged metrics; non-zero exit if a job failed.
+    """Show a run's Slurm jobs and last metrics, or every run of a sweep; non-zero exit if one failed.
 
     Examples:
       diffmic status runs/ham10000-20261125-101500
@@ -26,6 +26,13 @@ def status_command(
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
     run = run_argument or run_option
+    if (run / "sweep.json").is_file():
+        from .sweep import print_sweep_status
+
+        failed_runs = print_sweep_status(run)
+        if failed_runs:
+            raise UserError(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
+        return
 
     records = job_records(run)
     failed = []
@@ -46,5 +53,8 @@ def status_command(
         last = validation[-1]
         console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
                       f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
+    curves = Path(run) / "curves.png"
+    console.print(f"training curves: {curves} (redraw with: diffmic report {run})" if curves.is_file()
+                  else f"training curves: draw them with: diffmic report {run}", highlight=False)
     if failed:
         raise UserError("; ".join(failed))

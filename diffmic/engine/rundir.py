@@ -70,5 +70,13 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl. A run that is still writing may end in a half-written line: it is
+    left out (it is complete on the next read)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -170,3 +170,63 @@ def plot_trajectory(trajectory: Sequence[tuple[int, Any]], labels: Any, class_na
         handle.set_sizes([30])
     figure.suptitle(f"reverse diffusion y_T -> y_0, {len(labels)} images")
     return _save_atomically(figure, path)
+
+
+def plot_reliability(labels: Any, probs_by_model: dict[str, Any], path: str | os.PathLike,
+                     bins: int = 15) -> Path:
+    """Reliability diagrams side by side (one per model, e.g. the diffusion and the DCG): per confidence
+    bin, the accuracy as a bar against the diagonal of perfect calibration, the gap shaded, and the
+    number of images written on each bar; the ECE in each title."""
+    from matplotlib.figure import Figure
+
+    from .calibration import reliability_bins
+
+    figure = Figure(figsize=(4.6 * len(probs_by_model), 4.6), layout="constrained")
+    grid = figure.subplots(1, len(probs_by_model), sharey=True, squeeze=False).ravel()
+    for axes, (name, probs) in zip(grid, probs_by_model.items()):
+        found = reliability_bins(labels, probs, bins)
+        centres, width = (found.edges[:-1] + found.edges[1:]) / 2, 1.0 / bins
+        filled = found.counts > 0
+        axes.bar(centres[filled], found.accuracy[filled], width=width, color="#4c72b0", edgecolor="white",
+                 label="accuracy")
+        gap_low = np.minimum(found.accuracy[filled], found.confidence[filled])
+        axes.bar(centres[filled], np.abs(found.accuracy[filled] - found.confidence[filled]), bottom=gap_low,
+                 width=width, color="#dd8452", alpha=0.45, edgecolor="#dd8452", label="gap to confidence")
+        axes.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="perfect calibration")
+        for centre, accuracy, count in zip(centres[filled], found.accuracy[filled], found.counts[filled]):
+            axes.text(centre, min(accuracy, 0.93) + 0.02, str(int(count)), ha="center", va="bottom", fontsize=7,
+                      rotation=90)
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1.05)
+        axes.set_xlabel("confidence (top-label probability)")
+        axes.set_title(f"{name}: ECE {found.ece:.3f}")
+    grid[0].set_ylabel("accuracy")
+    grid[0].legend(loc="upper left", fontsize=8)
+    figure.suptitle(f"reliability, {bins} bins, {int(found.counts.sum())} images (numbers: images per bin)")
+    return _save_atomically(figure, path)
+
+
+def plot_selective(curves: dict[str, tuple[Any, Any]], path: str | os.PathLike,
+                   marks: Sequence[float] = (1.0, 0.9, 0.8, 0.7)) -> Path:
+    """Accuracy against coverage when the least certain images are referred (selective prediction), one
+    line per model; the coverages of the metrics table are marked."""
+    from matplotlib.figure import Figure
+
+    from .calibration import kept_count
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    for name, (coverage, accuracy) in curves.items():
+        coverage, accuracy = as_numpy(coverage), as_numpy(accuracy)
+        line, = axes.plot(coverage, accuracy, linewidth=1.6, label=name)
+        index = [kept_count(mark, len(coverage)) - 1 for mark in marks]
+        axes.scatter(coverage[index], accuracy[index], color=line.get_color(), s=18, zorder=3)
+    for mark in marks:
+        axes.axvline(mark, color="0.85", linewidth=0.8, zorder=0)
+    axes.set_xlim(0, 1.01)
+    axes.set_xlabel("coverage (share of images kept; the rest referred for review)")
+    axes.set_ylabel("accuracy of the kept images")
+    axes.invert_xaxis()
+    axes.legend(loc="lower left")
+    axes.set_title("selective prediction: the most uncertain images referred first")
+    return _save_atomically(figure, path)

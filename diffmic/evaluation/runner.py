@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -24,9 +25,10 @@ from ..engine import checkpoint as ckpt
 from ..engine.distributed import make_accelerator
 from ..errors import CheckpointError
 from ..fileio import write_text_atomic
+from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import classification_metrics, metrics_table
-from .plots import plot_confusion_matrix, plot_trajectory
+from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
 
 TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -120,6 +122,8 @@ def _report(predictions, classes, info, manifest, split, sampler, steps, n_sampl
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
     })
+    metrics.update(trust_metrics(predictions.labels, predictions.probs, predictions.guide_probs,
+                                 predictions.uncertainty))
     return metrics
 
 
@@ -129,7 +133,21 @@ def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, class
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     if predictions.trajectory:
         plot_trajectory(predictions.trajectory, predictions.labels, classes, out / "trajectory.png")
+    write_trust_figures(out, predictions)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+
+
+def write_trust_figures(out: Path, predictions: SplitPredictions) -> None:
+    """reliability.png (diffusion and DCG side by side) always; selective.png with several chains per image.
+    The basic variant has no diffusion: its one model is drawn once."""
+    labels, diffusion, guide = predictions.labels, predictions.probs, predictions.guide_probs
+    same = np.array_equal(diffusion, guide)
+    plot_reliability(labels, {"classifier": guide} if same else {"diffusion": diffusion, "DCG": guide},
+                     out / "reliability.png")
+    if predictions.uncertainty is not None:
+        curves = {"diffusion (chains' disagreement)": selective_curve(labels, diffusion, predictions.uncertainty),
+                  "DCG (1 - max probability)": selective_curve(labels, guide, top_label_uncertainty(guide))}
+        plot_selective(curves, out / "selective.png")
 
 
 def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
@@ -175,8 +193,11 @@ def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
 
     extra = [("DCG accuracy", metrics["dcg_accuracy"]), ("DCG macro F1", metrics["dcg_macro_f1"]),
-             ("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
-             ("images/s", f"{metrics['images_per_s']:.1f}")]
+             ("ECE (DCG)", f"{metrics['ece']:.4f} ({metrics['dcg_ece']:.4f})")]
+    if "uncertainty_auroc" in metrics:
+        extra.append(("uncertainty AUROC (wrong vs right)", metrics["uncertainty_auroc"]))
+    extra += [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
+              ("images/s", f"{metrics['images_per_s']:.1f}")]
     Console().print(metrics_table(metrics, title, extra))
 
 

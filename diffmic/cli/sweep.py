@@ -1,0 +1,126 @@
+"""`diffmic sweep` and `diffmic compare`: experiments the size of a paper's table, and the table."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import UserError, app, console
+
+
+@app.command("sweep")
+def sweep_command(
+    configs: list[Path] = typer.Option(..., "--config", "-c", help="Experiment YAML (repeatable: one row each)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per configuration: train.seed, train.seed + 1, ..."),
+    grid: list[str] = typer.Option(None, "--set", "-s", help="key=v1,v2 sweeps the values; key=v fixes one "
+                                                             "(repeatable; a [list] is one value)."),
+    folds: int = typer.Option(0, "--folds", help="Cross-validate over the shards' K folds (data.fold = 0..K-1)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Sweep folder. Default: sweeps/<first config>-<time>."),
+    shards: Path = typer.Option(None, "--shards", help="Shard folder for every run. Default: each config's."),
+) -> None:
+    """Train and evaluate config files x seeds x values (x folds); re-running resumes.
+
+    The runs go one after another. Re-running the same command finishes only what is left: finished runs
+    are skipped, failed ones retried, interrupted ones resume from their checkpoints.
+
+    Examples:
+      diffmic sweep --config configs/digits.yaml --set model.variant=basic,full --seeds 2 --out sweeps/digits
+      diffmic sweep --config configs/ablations/ham10000-basic.yaml --config configs/ham10000.yaml --seeds 3
+      diffmic compare sweeps/digits
+    """
+    import time
+
+    from ..config import load_config
+    from ..launch.sweep import SweepError, SweepPlan, merge_with_existing, parse_grid, plan_runs, run_locally
+
+    try:
+        swept, fixed = parse_grid(grid or [])
+        bases = [(str(config), load_config(config, fixed).train.seed) for config in configs]
+        planned = plan_runs(bases, seeds, swept, fixed, folds)
+        sweep_dir = out or Path("sweeps") / f"{configs[0].stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        plan = merge_with_existing(sweep_dir, SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]),
+                                                        str(shards) if shards else None, planned))
+    except SweepError as error:
+        raise UserError(str(error)) from None
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(sweep_dir)
+    console.print(f"sweep {sweep_dir}: {len(plan.runs)} run(s); follow it with: diffmic status {sweep_dir}",
+                  highlight=False)
+    failed = run_locally(plan, sweep_dir, report=lambda line: console.print(line, highlight=False))
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed ({', '.join(run.name for run in failed)}); their logs are "
+                        f"RUN/sweep.log. Re-run the same command to retry them")
+    console.print(f"all runs finished; the table: diffmic compare {sweep_dir}", highlight=False)
+
+
+def runs_of(paths: list[Path]) -> list[Path]:
+    """Run folders from sweep folders (their runs, in plan order) and run folders (as given)."""
+    from ..launch.sweep import SWEEP_FILE, SweepPlan
+
+    found = []
+    for path in paths:
+        if (path / SWEEP_FILE).is_file():
+            found += [run.run_dir(path) for run in SweepPlan.load(path).runs]
+        elif path.is_dir():
+            found.append(path)
+        else:
+            raise UserError(f"{path} does not exist; pass a sweep folder or run folders")
+    return found
+
+
+@app.command("compare")
+def compare_command(
+    paths: list[Path] = typer.Argument(..., help="A sweep folder, or run folders."),
+    out: Path = typer.Option(None, "--out", "-o", help="Where compare.md/.csv/.png go. Default: the sweep "
+                                                       "folder (the current folder for run folders)."),
+) -> None:
+    """Compare configurations: mean ± standard deviation over their seeds and folds.
+
+    One row per configuration with accuracy, macro F1, AUROC, kappa and ECE, and the DCG's own accuracy;
+    also written as compare.md, compare.csv and compare.png.
+
+    Examples:
+      diffmic compare sweeps/digits
+      diffmic compare runs/ham10000-a runs/ham10000-b
+    """
+    from ..evaluation.compare import COLUMNS, CompareError, compare_runs, format_stat, write_comparison
+    from ..launch.sweep import SWEEP_FILE
+
+    try:
+        rows = compare_runs(runs_of(paths))
+    except CompareError as error:
+        raise UserError(str(error)) from None
+    table = Table(title=f"{sum(row.runs for row in rows)} run(s), test split")
+    table.add_column("configuration", no_wrap=True)
+    table.add_column("runs", justify="right")
+    for _, title in COLUMNS:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(row.label, str(row.runs), *(format_stat(row.stats[key]) for key, _ in COLUMNS))
+    console.print(table)
+    target = out or (paths[0] if len(paths) == 1 and (paths[0] / SWEEP_FILE).is_file() else Path("."))
+    written = write_comparison(rows, target)
+    console.print("wrote " + ", ".join(str(path) for path in written), highlight=False)
+
+
+def print_sweep_status(sweep_dir: Path) -> list[str]:
+    """One line per run of a sweep; returns the failed ones."""
+    from ..launch.sweep import SweepPlan
+
+    plan = SweepPlan.load(sweep_dir)
+    table = Table(title=f"sweep {sweep_dir}: {len(plan.runs)} run(s)")
+    for column in ("run", "status", "accuracy", "note"):
+        table.add_column(column)
+    for run in plan.runs:
+        accuracy = ""
+        if run.metrics_file(sweep_dir).is_file():
+            import json
+
+            accuracy = f"{json.loads(run.metrics_file(sweep_dir).read_text())['accuracy']:.4f}"
+        table.add_row(run.name, run.status, accuracy, run.error[:80])
+    console.print(table)
+    return [run.name for run in plan.runs if run.status == "failed"]

@@ -1,0 +1,217 @@
+"""`diffmic sweep`: configs x seeds x value grids x folds as runs under one folder, each trained then
+evaluated on its test split, resumable by running the same command again.
+
+The plan is `SWEEP/sweep.json` (every run's config file, overrides, seed, fold and status). Each run is
+an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same `diffmic train` and
+`diffmic eval` a user would type, in a child process: one run's crash cannot take the sweep down, and a
+resumed run goes through the trainer's own resume from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..fileio import write_json_atomic
+
+SWEEP_FILE = "sweep.json"
+EVAL_FOLDER = "eval/test"  # RUN/eval/test/metrics.json: what `diffmic compare` reads
+STATUSES = ("pending", "training", "evaluating", "finished", "failed")
+
+
+class SweepError(ValueError):
+    """A sweep cannot be planned or resumed as asked; the message says what to change."""
+
+
+@dataclass
+class SweepRun:
+    name: str
+    config_file: str
+    overrides: list[str]  # --set values of this run, grid values and seed (and fold) included
+    seed: int
+    fold: int | None = None
+    grid: dict[str, str] = field(default_factory=dict)  # the swept keys and this run's values
+    status: str = "pending"
+    error: str = ""
+    started: str = ""
+    ended: str = ""
+
+    def run_dir(self, sweep_dir: Path) -> Path:
+        return sweep_dir / "runs" / self.name
+
+    def metrics_file(self, sweep_dir: Path) -> Path:
+        return self.run_dir(sweep_dir) / EVAL_FOLDER / "metrics.json"
+
+
+def parse_grid(values: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """`--set key=v1,v2` becomes a swept key; `--set key=v` (one value) a fixed override for every run.
+    A value in brackets (`key=[1,2]`) is one YAML list, not two values."""
+    grid, fixed = {}, []
+    for text in values:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise SweepError(f"--set {text!r} must look like key=value or key=v1,v2,...")
+        options = [raw] if raw.strip().startswith("[") else [part.strip() for part in raw.split(",")]
+        if len(options) > 1:
+            if key in grid:
+                raise SweepError(f"--set {key}=... is given twice; list all its values once: {key}=v1,v2")
+            grid[key.strip()] = options
+        else:
+            fixed.append(f"{key.strip()}={raw.strip()}")
+    return grid, fixed
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")
+
+
+def plan_runs(configs: list[tuple[str, int]], seeds: int, grid: dict[str, list[str]], fixed: list[str],
+              folds: int = 0) -> list[SweepRun]:
+    """Every combination, in a fixed order: config, grid values, seed, fold. `configs` holds (config
+    file, its train.seed); seed i of a config is its train.seed + i."""
+    if seeds < 1:
+        raise SweepError(f"--seeds {seeds}: use at least 1")
+    runs = []
+    keys = list(grid)
+    for (config_file, base_seed), values in itertools.product(configs, itertools.product(*grid.values())):
+        chosen = dict(zip(keys, values))
+        for offset, fold in itertools.product(range(seeds), range(folds) if folds else [None]):
+            seed = base_seed + offset
+            parts = [Path(config_file).stem, *(f"{key.split('.')[-1]}={value}" for key, value in chosen.items()),
+                     f"seed{seed}", *([f"fold{fold}"] if fold is not None else [])]
+            overrides = [*fixed, *(f"{key}={value}" for key, value in chosen.items()), f"train.seed={seed}",
+                         *([f"data.fold={fold}"] if fold is not None else [])]
+            runs.append(SweepRun(_slug("-".join(parts)), str(config_file), overrides, seed, fold, chosen))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise SweepError("two runs of the sweep get the same name: give the configs different file names")
+    return runs
+
+
+@dataclass
+class SweepPlan:
+    command: str
+    shards: str | None
+    runs: list[SweepRun]
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    def save(self, sweep_dir: Path) -> None:
+        write_json_atomic(sweep_dir / SWEEP_FILE, {**asdict(self), "runs": [asdict(run) for run in self.runs]})
+
+    @classmethod
+    def load(cls, sweep_dir: Path) -> "SweepPlan":
+        import json
+
+        path = Path(sweep_dir) / SWEEP_FILE
+        if not path.is_file():
+            raise SweepError(f"{sweep_dir} holds no {SWEEP_FILE}: is it a folder made by `diffmic sweep`?")
+        values = json.loads(path.read_text())
+        return cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
+                   values["created"])
+
+
+def merge_with_existing(sweep_dir: Path, plan: SweepPlan) -> SweepPlan:
+    """Re-running a sweep keeps the state of its runs; a different set of runs is refused (it would mix two
+    experiments under one folder)."""
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        return plan
+    previous = SweepPlan.load(sweep_dir)
+    old = {run.name: run for run in previous.runs}
+    if set(old) != {run.name for run in plan.runs} or any(old[run.name].overrides != run.overrides
+                                                           for run in plan.runs):
+        raise SweepError(f"{sweep_dir} holds another sweep ({len(old)} runs, planned by `{previous.command}`); "
+                         f"re-run that command to resume it, or choose another --out")
+    return SweepPlan(plan.command, plan.shards, [old[run.name] for run in plan.runs], previous.created)
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM when the sweep dies, even by SIGKILL: no orphan keeps training unseen (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _diffmic(args: list[str], log: Path) -> int:
+    """`diffmic ARGS` in a child process, its output appended to `log`; the exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        handle.write(f"\n$ diffmic {' '.join(args)}\n")
+        handle.flush()
+        child = subprocess.Popen([sys.executable, "-m", "diffmic", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent if os.name == "posix" else None)
+        try:
+            return child.wait()
+        except BaseException:  # Ctrl-C or a signal: the child saves its checkpoint and stops too
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+            raise
+
+
+def _last_lines(log: Path, count: int = 3) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    return " | ".join(lines[-count:])[-600:]
+
+
+def train_args(run: SweepRun, run_dir: Path, shards: str | None) -> list[str]:
+    args = ["train", "--config", run.config_file, "--run-dir", str(run_dir), "--no-progress"]
+    args += ["--shards", shards] if shards else []
+    return args + [item for override in run.overrides for item in ("--set", override)]
+
+
+def eval_args(run_dir: Path) -> list[str]:
+    from ..engine.checkpoint import best_step
+
+    # The best checkpoint when the run validated, else its last one (train.val_every=0).
+    which = "best" if best_step(run_dir) is not None else "last"
+    return ["eval", "--run", str(run_dir), "--checkpoint", which, "--split", "test", "--out",
+            str(run_dir / EVAL_FOLDER), "--no-progress"]
+
+
+def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
+                on_change: Callable[[SweepRun], None] = lambda run: None) -> SweepRun:
+    """Trains (or resumes) and evaluates one run; its status is kept up to date through `on_change`."""
+    run_dir, log = run.run_dir(sweep_dir), run.run_dir(sweep_dir) / "sweep.log"
+    run.started, run.error = time.strftime("%Y-%m-%dT%H:%M:%S"), ""
+    for status, args in (("training", train_args(run, run_dir, shards)), ("evaluating", None)):
+        run.status = status
+        on_change(run)
+        if _diffmic(args or eval_args(run_dir), log) != 0:
+            run.status, run.error = "failed", f"{status} failed: {_last_lines(log)} (log: {log})"
+            break
+    else:
+        run.status = "finished"
+    run.ended = time.strftime("%Y-%m-%dT%H:%M:%S")
+    on_change(run)
+    return run
+
+
+def is_done(run: SweepRun, sweep_dir: Path) -> bool:
+    return run.status == "finished" and run.metrics_file(sweep_dir).is_file()
+
+
+def run_locally(plan: SweepPlan, sweep_dir: Path, report: Callable[[str], None] = print) -> list[SweepRun]:
+    """The runs one after another; finished ones are skipped, interrupted ones resume, failed ones are
+    retried. Returns the runs that failed."""
+    todo = [run for run in plan.runs if not is_done(run, sweep_dir)]
+    report(f"{len(plan.runs) - len(todo)} of {len(plan.runs)} run(s) already finished; {len(todo)} to go")
+
+    def save(_run: SweepRun) -> None:
+        plan.save(sweep_dir)
+
+    for number, run in enumerate(todo, start=1):
+        resumed = " (resuming)" if run.status in ("training", "evaluating", "failed") else ""
+        report(f"[{number}/{len(todo)}] {run.name}{resumed}")
+        execute_run(run, sweep_dir, plan.shards, save)
+        report(f"[{number}/{len(todo)}] {run.name}: {run.status}" + (f": {run.error}" if run.error else ""))
+    return [run for run in plan.runs if run.status == "failed"]
