@@ -30,6 +30,7 @@ from diffmic.config import AugmentConfig, DataConfig
 from diffmic.data import ShardOptions, shard_dataset, train_loader
 from diffmic.data import verify
 from diffmic.data.images import augment_image, preprocess_image
+from timing import device_and_threads
 
 BATCH_SIZE = 32
 MEASURE_SECONDS = 3.0
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader and encoding processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(f"device: {device_and_threads()} (per loader worker)")
     with tempfile.TemporaryDirectory(prefix="diffmic-bench-") as folder:
         rows = [benchmark("ham10000-like", Path(folder), args.ham, 600, 450, ".jpg", args.workers),
                 benchmark("aptos2019-like", Path(folder), args.aptos, 2000, 1500, ".png", args.workers)]

@@ -70,19 +70,40 @@ def model_for(config_path: str, device: torch.device, args: argparse.Namespace |
     return model, config
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector/matrix extensions that decide its fast dtypes."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return f"{model} ({', '.join(present) or 'no avx2'})"
+
+
 def device_and_threads(args: argparse.Namespace | None = None) -> str:
-    amp = f", autocast {args.amp}" if args is not None and args.amp != "no" else ""
-    amp += ", channels_last weights" if args is not None and args.channels_last else ""
+    """What a measurement ran on: device, threads, precision; printed first by every benchmark."""
+    amp = args.amp if args is not None and getattr(args, "amp", "no") != "no" else "fp32"
+    precision = f"precision {amp}" + (", channels_last weights" if args is not None and args.channels_last else "")
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}{amp}"
-    return f"CPU, {torch.get_num_threads()} threads{amp}"
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {precision}"
+    return f"CPU {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}"
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """--batch and --amp: a GPU wants larger batches and bf16 to show its real throughput."""
     parser.add_argument("--batch", type=int, default=0, help="batch size for every config (default: per config)")
     parser.add_argument("--amp", choices=["no", "bf16", "fp16"], default="no",
-                        help="autocast dtype, as train.mixed_precision (CUDA only)")
+                        help="autocast dtype, as train.mixed_precision (fp16: CUDA only; bf16 on a CPU is fast "
+                             "only with avx512_bf16 or AMX)")
     parser.add_argument("--channels-last", action="store_true",
                         help="store conv weights channels_last too (the package keeps them contiguous)")
 
@@ -94,6 +115,6 @@ def batch_for(name: str, defaults: dict[str, int], args: argparse.Namespace) -> 
 def autocast(args: argparse.Namespace, device: torch.device):
     if args.amp == "no":
         return nullcontext()
-    if device.type != "cuda":
-        raise SystemExit(f"--amp {args.amp} needs a GPU: the CPU here has no fast {args.amp} kernels")
-    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
+    if device.type != "cuda" and args.amp != "bf16":
+        raise SystemExit(f"--amp {args.amp} needs a GPU; on a CPU only bf16 autocasts")
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])

@@ -1,5 +1,6 @@
-"""Images/s of one full training step (denoiser update on L_diff + DCG update on cross-entropy) at the
-paper config (224 px, C = 7, batch 8) and the digits config, and where the time goes.
+"""Images/s of one full training step (denoiser update on L_diff + DCG update on cross-entropy, gradient
+clipping, Adam and the denoiser's EMA, as the trainer does) at the paper config (224 px, C = 7, batch 8)
+and the digits config, and where the time goes.
 
     python benchmarks/train_step.py [--repeats 3] [--batch 64 --amp bf16]   (the last two for a GPU)
 
@@ -14,18 +15,21 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from diffmic.engine.optim import build_optimizer
+from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer, clip_group_gradients
 from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 8, "digits (64 px, C=10)": 32}
 
 
-def one_step(model, optimizer, batch, precision) -> None:
+def one_step(model, optimizer, ema, batch, precision) -> None:
+    """What the trainer does per step: forward, backward, per-group clipping, Adam, the denoiser's EMA."""
     optimizer.zero_grad(set_to_none=True)
     with precision:  # autocast around the forward only, as Accelerate does (fp16 is timed without loss scaling)
         loss = model(batch)["loss"]
     loss.backward()
+    clip_group_gradients(optimizer)
     optimizer.step()
+    ema.update(model.denoiser)
 
 
 def seconds(fn, repeats: int) -> float:
@@ -80,11 +84,12 @@ def main() -> None:
         model, config = model_for(path, device, args)
         model.train()
         optimizer = build_optimizer(model, config.train)
+        ema = ExponentialMovingAverage(model.denoiser, config.train.ema_rate)
         size, batch_size = config.data.image_size, batch_for(name, BATCH, args)
         batch = {"image": torch.randn(batch_size, 3, size, size, device=device),
                  "label": torch.randint(0, config.data.num_classes, (batch_size,), device=device)}
         counter = PartTimer({"encoder": model.denoiser.encoder, "guide": model.guide})
-        step = seconds(lambda: one_step(model, optimizer, batch, autocast(args, device)), args.repeats)
+        step = seconds(lambda: one_step(model, optimizer, ema, batch, autocast(args, device)), args.repeats)
         calls = {k: v / (args.repeats + 1) for k, v in counter.calls.items()}
         counter.remove()
         shares = parts(model, batch, args.repeats, autocast(args, device))
