@@ -100,9 +100,9 @@ def diffmic_here(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProce
 
 
 def model_weights(checkpoint: Path) -> dict:
-    import torch
+    from diffmic.checkpoint import MODEL_FILE, load_tensors
 
-    return torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)["model"]
+    return load_tensors(checkpoint / MODEL_FILE)[0]
 
 
 def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None, **env) -> subprocess.Popen:

@@ -31,7 +31,7 @@ def main(config: str, shards: str, run_dir: str, *overrides: str) -> None:
                   "step": result.step, "distributed": trainer.accelerator.distributed_type.value}
         Path(run_dir, f"rank{trainer.rank}.json").write_text(json.dumps(report))
     finally:
-        trainer.accelerator.end_training()
+        trainer.close()
 
 
 if __name__ == "__main__":
