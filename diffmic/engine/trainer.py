@@ -409,8 +409,8 @@ def train(config: Config, shard_dir: str | Path, run_dir: str | Path | None = No
     try:
         if trainer.finished():
             return trainer.already_finished()
+        trainer.resume()  # every file of the checkpoint is read before anything in the run folder is written
         trainer.prepare_run()
-        trainer.resume()
         return trainer.fit()
     finally:
         trainer.close()
