@@ -227,7 +227,7 @@ def test_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(half
     finally:
         holder.release()
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"is in use by another diffmic train (host" in result.stderr and f"pid {os.getpid()}" in result.stderr
+    assert "is in use by another diffmic train (host" in result.stderr and f"pid {os.getpid()}" in result.stderr
     assert json.loads((half_run / "run.json").read_text())["sessions"][-1]["mode"] == "fresh"  # untouched
 
 

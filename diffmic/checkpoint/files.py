@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[s
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (a handle, not a dict)
         metadata = json.loads(header.get(METADATA_KEY, "{}"))
     except (SafetensorError, OSError, ValueError) as error:
         raise refuse(path, f"it is not a readable safetensors file ({first_line(error)})") from None
@@ -206,20 +207,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], metadata: dict) -> None:
 
 
 # --- disk space ---------------------------------------------------------------------------------------
-class disk_errors:
+@contextmanager
+def disk_errors(path: Path):
     """Turns a full disk (ENOSPC, EDQUOT) while writing `path` into a DiskFullError."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, OSError) and error.errno in _NO_SPACE:
-            raise DiskFullError(f"disk full while writing {self.path}") from None
-        return False
-
+    try:
+        yield
+    except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise DiskFullError(f"disk full while writing {path}") from None
+        raise
 
 
 def gigabytes(count: int) -> str:

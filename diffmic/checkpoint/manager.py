@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,18 +305,12 @@ class CheckpointManager:
             raise refuse(checkpoint.path / ckpt.DEEPSPEED_DIR, "DeepSpeed found no engine state in it")
 
 
-class _reading:
+@contextmanager
+def _reading(path: Path):
     """Content that parses but is not what diffmic writes (wrong keys, shapes, types) names its file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, (KeyError, TypeError, ValueError, RuntimeError, IndexError)) and \
-                not isinstance(error, CheckpointError):
-            raise refuse(self.path, f"its content is not what diffmic writes ({first_line(error)})") from None
-        return False
-
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise refuse(path, f"its content is not what diffmic writes ({first_line(error)})") from None

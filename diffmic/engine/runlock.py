@@ -72,14 +72,14 @@ def describe(holder: dict) -> str:
 
 def is_stale(holder: dict, me: dict) -> bool:
     job = holder.get("slurm_job_id")
-    if job and job == me.get("slurm_job_id"):
-        # The same job id again: a requeued run of this job, whose earlier run held the lock.
-        if int(holder.get("slurm_restart_count", 0)) < int(me.get("slurm_restart_count", 0)):
-            return True
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
-        if not pid_alive(holder["pid"], holder.get("pid_started")):
-            return True
-    return bool(job) and job != me.get("slurm_job_id") and slurm_job_alive(job) is False
+    same_job = bool(job) and job == me.get("slurm_job_id")
+    # The same job id again with a higher restart count: a requeued run of this job, whose earlier run held it.
+    if same_job and int(holder.get("slurm_restart_count", 0)) < int(me.get("slurm_restart_count", 0)):
+        return True
+    on_this_host = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+    if on_this_host and not pid_alive(holder["pid"], holder.get("pid_started")):
+        return True
+    return bool(job) and not same_job and slurm_job_alive(job) is False
 
 
 class RunLock:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, load_for_fine_tuning,
-                          remove_partials)
+                          remove_partials, without_pretrained)
 from ..config import Config, ConfigError
 from ..data import read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
@@ -133,7 +133,8 @@ class Trainer:
         self.start = (choose_start(self.run_dir, self.config, self.manifest.classes, self.manifest.digest, self.world,
                                    allow_changes) if resume else Start())
         set_seed(cfg.seed)
-        model = build_model(self.config)
+        # Weights from a checkpoint replace any pretrained ones: no ImageNet file is read for a resume.
+        model = build_model(without_pretrained(self.config) if self.start.checkpoint else self.config)
         model.check_values = acc.device.type == "cpu"  # value checks would sync an accelerator each step
         ema_weights = load_for_fine_tuning(self.start.checkpoint, model) if self.start.mode == "fine-tune" else None
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg))
