@@ -8,6 +8,7 @@ YAML file plus dotted overrides (``model.dcg.k=4``), and a bad value fails at st
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -252,14 +253,16 @@ class TrainConfig(Section):
     select_metric: Literal["accuracy", "macro_f1", "kappa"] = "accuracy"
     # 'val': model selection on the validation split; 'test': the authors' protocol (selects on test)
     select_split: Literal["val", "test"] = "val"
-    checkpoint_every: int = 1  # epochs between checkpoints
+    # Between checkpoints: epochs (1, "2 epochs"), optimizer steps ("500 steps") or wall-clock time ("30m", "2h")
+    checkpoint_every: int | str = 1
     keep_last: int = 2
     log_every: int = 10  # steps
     tensorboard: bool = False
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every", "checkpoint_every"):
+        for key in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
             _require(getattr(self, key) >= 1, key, f"got {getattr(self, key)}, expected at least 1")
+        parse_interval(self.checkpoint_every, "checkpoint_every")
         for key in ("max_steps", "dcg_warmup_epochs", "warmup_epochs", "val_every"):
             _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0")
         for key in ("lr", "dcg_lr"):
@@ -267,6 +270,24 @@ class TrainConfig(Section):
         for key in ("grad_clip", "dcg_grad_clip"):
             _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0 (0 disables)")
         _require(0 <= self.ema_rate < 1, "ema_rate", f"got {self.ema_rate}, expected in [0, 1)")
+
+
+INTERVAL_UNITS = {"epoch": "epoch", "epochs": "epoch", "step": "step", "steps": "step", "m": "minute",
+                  "min": "minute", "minutes": "minute", "h": "hour", "hours": "hour"}
+
+
+def parse_interval(value: int | str, key: str = "checkpoint_every") -> tuple[int, str]:
+    """(count, unit) of an interval: an integer counts epochs; "500 steps", "30m" and "2h" say their unit.
+    Hours come back as minutes."""
+    if isinstance(value, int):
+        count, unit = value, "epoch"
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([a-z]+)\s*", value.lower())
+        _require(match is not None and match.group(2) in INTERVAL_UNITS, key,
+                 f"got {value!r}; use a number of epochs (2), steps (\"500 steps\") or minutes/hours (\"30m\", \"2h\")")
+        count, unit = int(match.group(1)), INTERVAL_UNITS[match.group(2)]
+    _require(count >= 1, key, f"got {value!r}, expected at least 1")
+    return (count * 60, "minute") if unit == "hour" else (count, unit)
 
 
 @dataclass

@@ -15,3 +15,11 @@ class SlurmError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class DiskFullError(RuntimeError):
+    """A save ran out of disk space; the message gives the space needed and the space free."""
+
+
+class RunLockError(RuntimeError):
+    """Another process is training into the same run folder; the message names it."""

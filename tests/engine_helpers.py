@@ -100,17 +100,21 @@ def diffmic_here(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProce
 
 
 def model_weights(checkpoint: Path) -> dict:
-    import torch
+    from diffmic.checkpoint import MODEL_FILE, load_tensors
 
-    return torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)["model"]
+    return load_tensors(checkpoint / MODEL_FILE)[0]
 
 
-def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None, **env) -> subprocess.Popen:
-    """`diffmic train` on the tiny setting in a child process (so a test can signal or kill it)."""
+def start_training(run_dir: Path, shards: Path, *extra: str, config: str | None = None, save_delay: float = 0,
+                   arguments: tuple[str, ...] = (), **env) -> subprocess.Popen:
+    """`diffmic train` on the tiny setting in a child process (so a test can signal or kill it); with
+    `save_delay`, every checkpoint waits that long before it is renamed into place (engine_worker.py)."""
     args = ["train", "--config", config or str(REPO / "configs" / "digits.yaml"), "--shards", str(shards),
-            "--run-dir", str(run_dir), "--no-progress",
+            "--run-dir", str(run_dir), "--no-progress", *arguments,
             *[item for override in TINY + list(extra) for item in ("--set", override)]]
-    return subprocess.Popen([sys.executable, "-m", "diffmic", *args], cwd=REPO, env=cpu_environment(**env),
+    program = (["-m", "diffmic"] if not save_delay else
+               [str(REPO / "tests" / "engine_worker.py"), "--save-delay", str(save_delay)])
+    return subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=cpu_environment(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from diffmic.cli.train import resolve_inputs
 from diffmic.cli.common import UserError
-from diffmic.engine import checkpoint as ckpt
+from diffmic import checkpoint as ckpt
 from engine_helpers import (REPO, TINY, accelerate_launch, diffmic, diffmic_here, finish, model_weights,
                             shard_digits, start_training)
 
@@ -27,12 +28,22 @@ def validation_rows(run_dir: Path) -> list[dict]:
     return [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "split" in row]
 
 
-@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
-def test_two_processes_train_validate_checkpoint_and_hold_identical_weights(digits_shards, tmp_path, deepspeed):
-    run_dir = tmp_path / "run"
-    overrides = TINY + ["train.max_steps=3", "train.batch_size=16"] + (["train.distributed=deepspeed"] if deepspeed else [])
-    accelerate_launch([str(REPO / "tests" / "engine_worker.py"), CONFIG, str(digits_shards), str(run_dir), *overrides],
-                      deepspeed=deepspeed)
+def launch_worker(run_dir: Path, shards: Path, deepspeed: bool, *extra: str) -> str:
+    overrides = TINY + ["train.batch_size=16", *extra] + (["train.distributed=deepspeed"] if deepspeed else [])
+    result = accelerate_launch([str(REPO / "tests" / "engine_worker.py"), CONFIG, str(shards), str(run_dir),
+                                *overrides], deepspeed=deepspeed)
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["ddp", "deepspeed-zero2"])
+def two_process_run(request, digits_shards, tmp_path_factory) -> tuple[Path, bool]:
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    launch_worker(run_dir, digits_shards, request.param, "train.max_steps=3")
+    return run_dir, request.param
+
+
+def test_two_processes_train_validate_checkpoint_and_hold_identical_weights(two_process_run):
+    run_dir, deepspeed = two_process_run
     first, second = rank_reports(run_dir)
     assert first["world"] == second["world"] == 2
     assert first["distributed"] == ("DEEPSPEED" if deepspeed else "MULTI_CPU")
@@ -41,8 +52,30 @@ def test_two_processes_train_validate_checkpoint_and_hold_identical_weights(digi
     assert run["world_size"] == 2 and run["global_batch"] == 32 and len(run["manifest_sha256"]) == 64
     assert validation_rows(run_dir) and validation_rows(run_dir)[-1]["split"] == "val"
     last = ckpt.find_checkpoint(run_dir, "last")
-    assert last.step == first["step"] and (last.path / "random_states_1.pkl").is_file()
+    assert last.step == first["step"] and (last.path / "training" / "rng-1.safetensors").is_file()
     assert ckpt.find_checkpoint(run_dir, "best").path.is_dir()
+    assert first["provenance"] == second["provenance"] == run["manifest_sha256"]
+    if deepspeed:  # DeepSpeed's own files (it loads them itself) pass the weights-only loader
+        engine_files = sorted((last.path / ckpt.record.DEEPSPEED_DIR).glob("*.pt"))
+        assert len(engine_files) == 3 and not list(last.path.rglob("*.py"))
+        for path in engine_files:
+            ckpt.load_weights_only(path)
+
+
+def test_two_processes_resume_exactly_with_an_allowed_change(two_process_run, digits_shards, tmp_path):
+    """The training state of every rank (DeepSpeed's through its weights-only loader) comes back; a resume on
+    the same data with train.max_steps raised continues where the first session stopped."""
+    source, deepspeed = two_process_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    before = rank_reports(run_dir)[0]["step"]
+    output = launch_worker(run_dir, digits_shards, deepspeed, "train.max_steps=5",
+                           "--allow-changes=train.max_steps")
+    first, second = rank_reports(run_dir)
+    said = " ".join(output.split())
+    assert "resumed from" in said and f"(step {before}, epoch" in said
+    assert first["step"] == second["step"] == before + 2 and first["digest"] == second["digest"]
+    assert json.loads((run_dir / "run.json").read_text())["sessions"][-1]["changes"] == {"train.max_steps": [3, 5]}
 
 
 def logged_step(run_dir: Path) -> int:
@@ -83,7 +116,7 @@ def test_sigterm_saves_and_a_resumed_run_ends_with_the_same_parameters(digits_sh
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(digits_shards, tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     root = ckpt.checkpoint_root(run_dir)
-    process = start_training(run_dir, digits_shards, "train.checkpoint_every=1", DIFFMIC_FAULT_SAVE_DELAY_S="2")
+    process = start_training(run_dir, digits_shards, "train.checkpoint_every=1", save_delay=2)
     # Kill while a checkpoint after the first complete one is being written.
     wait_for(lambda: len(ckpt.complete_checkpoints(run_dir)) >= 1 and any(root.glob(".step-*.partial")),
              process, poll=0.005)

@@ -93,8 +93,8 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     args = ["eval", "--run", str(run), "--checkpoint", "last", "--out", str(tmp_path / "out"), "--no-progress"]
-    expected = {"missing run": "holds no complete checkpoint", "no checkpoint": "no complete checkpoint 'step-999'",
-                "corrupt checkpoint": "missing or corrupt", "unknown split": "train, val, test",
+    expected = {"missing run": "does not exist", "no checkpoint": "no complete checkpoint 'step-999'",
+                "corrupt checkpoint": "model.safetensors", "unknown split": "train, val, test",
                 "other classes": "classes", "unreadable image": "not a readable image"}[problem]
     if problem == "missing run":
         args[2] = str(tmp_path / "nowhere")
@@ -102,7 +102,7 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
         args[4] = "step-999"
     elif problem == "corrupt checkpoint":
         last = sorted(run.glob("checkpoints/step-*"), key=lambda p: int(p.name[5:]))[-1]
-        (last / "model.pt").write_bytes(b"not a checkpoint")
+        (last / "model.safetensors").write_bytes(b"not a checkpoint")
     elif problem == "unknown split":
         args += ["--split", "holdout"]
     elif problem == "other classes":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmic.engine import checkpoint as ckpt
+from diffmic import checkpoint as ckpt
 from engine_helpers import REPO, TINY, diffmic, diffmic_here
 
 CONFIG = str(REPO / "configs" / "digits.yaml")

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..errors import CheckpointError, NonFiniteLossError, PretrainedWeightsError, SlurmError
+from ..errors import (CheckpointError, DiskFullError, NonFiniteLossError, PretrainedWeightsError, RunLockError,
+                      SlurmError)
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
@@ -27,7 +28,7 @@ class UserError(Exception):
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 SlurmError, NonFiniteLossError)
+                                                 SlurmError, NonFiniteLossError, RunLockError, DiskFullError)
 
 
 def config_file(config: Path | str | None, dataset: str | None) -> Path:

@@ -6,10 +6,10 @@ import warnings
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..data.layouts import LAYOUTS
+from ..progress import ProgressBar
 from .common import app, console, error_console
 
 
@@ -28,11 +28,6 @@ def _shown_root(layout) -> str:
 
 def _layouts_epilog() -> str:
     return "Layouts (--dataset):\n\n" + "\n\n".join(f"  {layout.name}: {layout.summary}" for layout in LAYOUTS.values())
-
-
-def _progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=error_console, transient=True)
 
 
 @app.command("shard", epilog=_layouts_epilog())
@@ -80,11 +75,10 @@ def shard(
         split_from=list(split_from or []), skip_bad=skip_bad, overwrite=overwrite,
         classes=[part.strip() for part in classes.split(",")] if classes else None,
         **({"workers": workers} if workers is not None else {}))
-    with _progress_bar() as bar, warnings.catch_warnings(record=True) as said:
+    with ProgressBar(f"sharding {options.name}", console=error_console) as bar, \
+            warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", ShardWarning)
-        task = bar.add_task(f"sharding {options.name}", total=None)
-        manifest = shard_dataset(options, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                   total=total))
+        manifest = shard_dataset(options, progress=bar.report)
     console.print(_counts_table(manifest))
     for warning in said:
         error_console.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
@@ -104,10 +98,8 @@ def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic 
     from ..data import ManifestError, read_manifest, verify_shards
 
     manifest = read_manifest(shard_dir)
-    with _progress_bar() as bar:
-        task = bar.add_task(f"verifying {shard_dir}", total=None)
-        problems = verify_shards(shard_dir, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                    total=total))
+    with ProgressBar(f"verifying {shard_dir}", console=error_console) as bar:
+        problems = verify_shards(shard_dir, progress=bar.report)
     if problems:
         for problem in problems:
             error_console.print(f"[bold red]problem:[/] {problem}", highlight=False)

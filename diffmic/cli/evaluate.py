@@ -50,7 +50,7 @@ def eval_command(
     from ..evaluation.runner import evaluate_run, print_metrics
 
     if use_slurm or local:
-        from ..engine.checkpoint import find_checkpoint
+        from ..checkpoint import find_checkpoint
 
         find_checkpoint(run, checkpoint)  # a wrong run or checkpoint fails here, not in the queue
         options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,

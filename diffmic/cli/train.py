@@ -49,6 +49,9 @@ def train_command(
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run folder; an existing one is resumed from its "
                                                                "latest checkpoint. Default: runs/<dataset>-<time>."),
     overrides: list[str] = SET_OPTION,
+    allow_changes: str = typer.Option("", "--allow-changes", help="Settings a resume may change from the run's "
+                                                                  "own, comma-separated: train.lr,train.epochs "
+                                                                  "(recorded in run.json)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     use_slurm: bool = slurm.SLURM, local: bool = slurm.LOCAL, gpus: int = slurm.GPUS, nodes: int = slurm.NODES,
     tasks_per_node: int = slurm.TASKS, partition: str = slurm.PARTITION, time_limit: str = slurm.TIME,
@@ -71,15 +74,18 @@ def train_command(
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
     shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
+    allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
+    facts = {"config_file": str(config_path.resolve())}
     if use_slurm or local:
         read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
         options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
                                       qos, constraint, exclude, max_requeues, local)
         target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-        arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve())}
+        arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve()),
+                     "allow_changes": allowed, "facts": facts}
         slurm.launch("train", arguments, target, options, dry_run, wait)
         return
-    result = train(cfg, shard_dir, run_dir, progress=progress, facts={"config_file": str(config_path.resolve())})
+    result = train(cfg, shard_dir, run_dir, progress=progress, facts=facts, allow_changes=allowed)
     summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"
     if result.best_step >= 0:
         summary += f"; best {cfg.train.select_metric} {result.best_score:.4f} at step {result.best_step}"

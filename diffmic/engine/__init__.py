@@ -1,5 +1,14 @@
-"""The training engine: Accelerate (DDP or DeepSpeed), mixed precision, checkpoints, exact resume."""
+"""The training engine: Accelerate (DDP or DeepSpeed), mixed precision, exact resume, one writer per run.
 
-from .trainer import NonFiniteLossError, TrainResult, train
+`train` is imported on first use, so `import diffmic.engine.rundir` (diffmic status) pulls in no trainer.
+"""
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'diffmic.engine' has no attribute {name!r}")

@@ -1,38 +1,16 @@
-"""The Accelerator every command uses: DDP by default, DeepSpeed ZeRO on request, CPU or GPU.
-
-Works standalone (one process) and under `accelerate launch` or Slurm with any number of processes.
-"""
+"""Training's side of the Accelerator: the DeepSpeed JSON filled in from the config, and the precision the
+forward really runs in. The factory itself is diffmic.accelerator, shared with evaluation."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import warnings
 
 import torch
 
+from ..accelerator import make_accelerator, resolve_precision
 from ..config import ConfigError, TrainConfig
 from ..packaged import NotFoundError, find_file
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def resolve_precision(requested: str, on_gpu: bool) -> str:
-    """bf16 where the device does it natively; the CPU here has no bf16 units, so it trains in fp32."""
-    if not on_gpu:
-        if requested != "no":
-            warnings.warn(f"train.mixed_precision={requested} is not used on the CPU (no fast {requested} "
-                          f"kernels); training in fp32", stacklevel=2)
-        return "no"
-    if requested == "bf16" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bf16 support; using fp16 with loss scaling", stacklevel=2)
-        return "fp16"
-    return requested
 
 
 def uses_deepspeed(train: TrainConfig) -> bool:
@@ -69,35 +47,11 @@ def deepspeed_config(train: TrainConfig, precision: str) -> dict:
     return values
 
 
-def _single_process_environment() -> None:
-    """DeepSpeed needs a process-group environment even for one process, or it tries MPI discovery."""
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-
-
-def make_accelerator(train: TrainConfig, gradient_accumulation: bool = True):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    on_gpu = torch.cuda.is_available()
-    precision = resolve_precision(train.mixed_precision, on_gpu)
-    # The denoiser sits idle during the DCG warm-up: DDP must tolerate parameters without gradients.
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    plugin = None
-    if uses_deepspeed(train):
-        from accelerate.utils import DeepSpeedPlugin
-
-        _single_process_environment()
-        # Accelerate starts DeepSpeed's process group only when this is set (as `accelerate launch
-        # --use_deepspeed` does) and the CPU flag is off; DeepSpeed then runs on the CPU by itself.
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train, precision))
-    if not on_gpu and (plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # no NCCL without GPUs
-    return Accelerator(mixed_precision=precision, cpu=not on_gpu and plugin is None, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=train.grad_accum if gradient_accumulation else 1,
-                       deepspeed_plugin=plugin)
+def training_accelerator(train: TrainConfig):
+    """The Accelerator of a training run: its precision, accumulation and engine from `train`."""
+    precision = resolve_precision(train.mixed_precision, torch.cuda.is_available())
+    return make_accelerator(precision, train.grad_accum, deepspeed_config(train, precision) if uses_deepspeed(train)
+                            else None)
 
 
 def training_precision(accelerator) -> str:

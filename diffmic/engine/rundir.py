@@ -27,16 +27,35 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_run_files(run_dir: Path, config: Config, manifest, facts: dict) -> dict:
-    """config.yaml and run.json of a run; returns the provenance recorded in every checkpoint."""
+def provenance(manifest) -> dict:
+    """Where a run's weights come from: the code and the data. Recorded in run.json and every checkpoint."""
+    return {"git_commit": git_commit(), "diffmic_version": __version__, "shards": str(manifest.folder),
+            "manifest_sha256": manifest.digest, "classes": list(manifest.classes)}
+
+
+def write_run_files(run_dir: Path, config: Config, provenance: dict, facts: dict, session: dict) -> None:
+    """config.yaml and run.json of a run. run.json says what this session runs (provenance, facts) and keeps
+    the history of every session (how each started: fresh, resumed, fine-tuned; the settings it changed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    provenance = {"git_commit": git_commit(), "diffmic_version": __version__,
-                  "shards": str(manifest.folder), "manifest_sha256": manifest.digest,
-                  "classes": list(manifest.classes)}
+    previous = _read_run_json(run_dir / "run.json")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    session = {"started": started, "command": " ".join(sys.argv), **session}
+    run = {**provenance, **facts, "command": session["command"], "started": previous.get("started", started),
+           "sessions": previous.get("sessions", []) + [session]}
+    began = previous.get("fine_tuned_from") or session.get("fine_tuned_from")
+    if began:  # how the run began stays recorded for its whole life
+        run["fine_tuned_from"] = began
     write_text_atomic(run_dir / "config.yaml", dump_config(config))
-    run = {**provenance, **facts, "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_atomic(run_dir / "run.json", json.dumps(run, indent=2))
-    return provenance
+
+
+def _read_run_json(path: Path) -> dict:
+    """The previous sessions' record; an unreadable one only loses the history, never the run."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
 
 
 class MetricsLog:
@@ -53,6 +72,25 @@ class MetricsLog:
                 raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
                                    "pip install tensorboard (or set train.tensorboard=false)") from None
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def cut_after(self, step: int) -> int:
+        """Drops the rows logged after `step` (the checkpoint a run resumes from) by an earlier session that
+        went on past it, so the resumed rows do not appear twice; rewritten atomically. Returns how many."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False  # a line cut short by a kill
+            if keep:
+                kept.append(line)
+            dropped += not keep
+        if dropped:
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return dropped
 
     def write(self, row: dict) -> None:
         if not self.enabled:

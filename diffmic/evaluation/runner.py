@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import checkpoint as ckpt
+from ..accelerator import make_accelerator
 from ..config import Config
 from ..data import eval_loader, read_manifest
 from ..data.loaders import check_compatible as check_shards
-from ..engine import checkpoint as ckpt
-from ..engine.distributed import make_accelerator
 from ..errors import CheckpointError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
+from ..progress import ProgressBar
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import classification_metrics, metrics_table
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
@@ -52,16 +53,14 @@ def eval_settings(config: Config, steps: int | None, sampler: str | None, n_samp
 
 def load_checkpoint_model(run_dir: Path, checkpoint: str, use_ema: bool):
     info = ckpt.find_checkpoint(run_dir, checkpoint)
-    model, config, payload = ckpt.build_model_from_checkpoint(info, use_ema)
-    return info, model, config, payload
+    return info, ckpt.build_model_from_checkpoint(info, use_ema), info.config
 
 
-def shards_of(run_dir: Path, payload: dict, shards: Path | None) -> Path:
+def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: Path | None) -> Path:
     if shards is not None:
         return Path(shards)
-    recorded = payload.get("meta", {}).get("shards")
-    if recorded:
-        return Path(recorded)
+    if info.shards:
+        return Path(info.shards)
     raise CheckpointError(f"the checkpoint of {run_dir} does not say which shards it used; pass --shards")
 
 
@@ -70,16 +69,17 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
                  out_dir: str | Path | None = None, shards: str | Path | None = None,
                  progress: bool = True) -> EvalResult:
     run_dir = Path(run_dir)
-    info, model, config, payload = load_checkpoint_model(run_dir, checkpoint, use_ema)
+    info, model, config = load_checkpoint_model(run_dir, checkpoint, use_ema)
     steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
-    shard_dir = shards_of(run_dir, payload, shards)
+    shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
     check_shards(manifest, config.data)
-    if list(manifest.classes) != list(payload["classes"]):
+    if list(manifest.classes) != info.classes:
         raise CheckpointError(f"{shard_dir} has classes {manifest.classes} but the checkpoint {info.path} was "
-                              f"trained on {payload['classes']}; evaluate it on the shards it was trained with")
+                              f"trained on {info.classes}; evaluate it on the shards it was trained with")
     expected_keys = manifest.split_info(split).keys
-    accelerator = make_accelerator(_inference_train_config(config), gradient_accumulation=False)
+    # Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice.
+    accelerator = make_accelerator(config.train.mixed_precision)
     try:
         model.to(accelerator.device)
         model.check_values = accelerator.device.type == "cpu"
@@ -87,15 +87,16 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
                              accelerator.num_processes)
         record_every = max(1, steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
         started = time.perf_counter()
-        with _progress(len(expected_keys), accelerator.is_main_process and progress, "eval") as advance:
+        # Only this process's share is counted: the bar tracks rank 0's part of the split.
+        with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
             local = predict_batches(model, loader, accelerator.device, config.train.seed, steps, sampler, n_samples,
-                                    config.eval.aggregate, record_every, accelerator.autocast, on_batch=advance)
+                                    config.eval.aggregate, record_every, accelerator.autocast, on_batch=bar.advance)
         predictions = gather_predictions(local, accelerator)
         seconds = time.perf_counter() - started
         check_keys(predictions, expected_keys, split)
         predictions = predictions.reordered(expected_keys)
         metrics = _report(predictions, manifest.classes, info, manifest, split, sampler, steps, n_samples,
-                          use_ema and payload.get("ema") is not None, seconds)
+                          use_ema and info.has_ema, seconds)
         out = None
         if accelerator.is_main_process:
             out = Path(out_dir) if out_dir else run_dir / "eval" / f"{split}-{checkpoint}-{sampler}{steps}"
@@ -104,13 +105,6 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
         return EvalResult(out, metrics, predictions)
     finally:
         accelerator.end_training()
-
-
-def _inference_train_config(config: Config):
-    """Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice."""
-    import dataclasses
-
-    return dataclasses.replace(config.train, distributed="ddp")
 
 
 def _report(predictions, classes, info, manifest, split, sampler, steps, n_samples, ema, seconds) -> dict:
@@ -166,29 +160,6 @@ def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
     return buffer.getvalue()
 
 
-class _progress:
-    """A rich progress bar over images on rank 0; a no-op elsewhere."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.enabled, self.label = total, enabled, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda count: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            transient=True)
-        self.bar.__enter__()
-        # Only this process's share is counted: the bar tracks rank 0's part of the split.
-        task = self.bar.add_task(self.label, total=None)
-        return lambda count: self.bar.advance(task, count)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-
 def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
 
@@ -236,11 +207,11 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
     """Rows of (file, predicted class, probabilities, uncertainty) for loose image files."""
     from ..data import eval_transform
 
-    info, model, config, payload = load_checkpoint_model(Path(run_dir), checkpoint, use_ema)
+    info, model, config = load_checkpoint_model(Path(run_dir), checkpoint, use_ema)
     steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
     files = image_files(paths)
     transform = eval_transform(config.data)
-    classes = list(payload["classes"])
+    classes = info.classes
     rows = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]

@@ -100,7 +100,8 @@ class DistributedJob:
         from ..engine import train
 
         config = config_from_dict(self.arguments["config"])
-        result = train(config, self.arguments["shards"], self.run_dir, progress=False)
+        result = train(config, self.arguments["shards"], self.run_dir, progress=False,
+                       facts=self.arguments.get("facts"), allow_changes=self.arguments.get("allow_changes", ()))
         if result.stopped_by == "signal":
             self._requeue_after_save(environment)
         return {"step": result.step, "stopped_by": result.stopped_by, "best_step": result.best_step,

@@ -170,7 +170,7 @@ def train_args(run: SweepRun, run_dir: Path, shards: str | None) -> list[str]:
 
 
 def eval_args(run_dir: Path) -> list[str]:
-    from ..engine.checkpoint import best_step
+    from ..checkpoint import best_step
 
     # The best checkpoint when the run validated, else its last one (train.val_every=0).
     which = "best" if best_step(run_dir) is not None else "last"

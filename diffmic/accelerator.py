@@ -1,0 +1,64 @@
+"""The Accelerator every command uses: DDP by default, DeepSpeed when given its config, CPU or GPU.
+
+Works standalone (one process) and under `accelerate launch` or Slurm with any number of processes. It
+takes plain values, not a training config: evaluation and training build it alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def resolve_precision(requested: str, on_gpu: bool) -> str:
+    """bf16 where the device does it natively; the CPU here has no bf16 units, so it trains in fp32."""
+    if not on_gpu:
+        if requested != "no":
+            warnings.warn(f"train.mixed_precision={requested} is not used on the CPU (no fast {requested} "
+                          f"kernels); training in fp32", stacklevel=2)
+        return "no"
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU has no bf16 support; using fp16 with loss scaling", stacklevel=2)
+        return "fp16"
+    return requested
+
+
+def _single_process_environment() -> None:
+    """DeepSpeed needs a process-group environment even for one process, or it tries MPI discovery."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, deepspeed: dict | None = None):
+    """An Accelerator for `mixed_precision` ("no", "bf16", "fp16"; resolved for the device), accumulating
+    gradients over `grad_accum` micro-batches, under DeepSpeed when its JSON config is given."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    on_gpu = torch.cuda.is_available()
+    precision = resolve_precision(mixed_precision, on_gpu)
+    # The denoiser sits idle during the DCG warm-up: DDP must tolerate parameters without gradients.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    plugin = None
+    if deepspeed is not None:
+        from accelerate.utils import DeepSpeedPlugin
+
+        _single_process_environment()
+        # Accelerate starts DeepSpeed's process group only when this is set (as `accelerate launch
+        # --use_deepspeed` does) and the CPU flag is off; DeepSpeed then runs on the CPU by itself.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed)
+    if not on_gpu and (plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # no NCCL without GPUs
+    return Accelerator(mixed_precision=precision, cpu=not on_gpu and plugin is None, kwargs_handlers=handlers,
+                       gradient_accumulation_steps=grad_accum, deepspeed_plugin=plugin)

@@ -1,0 +1,162 @@
+"""One writer per run folder: RUN/.lock, taken by rank 0 before anything is written, released on every exit.
+
+The lock file names its holder (host, pid and the pid's start time, the Slurm job and its restart count).
+A lock is stale, and taken over, when its holder is a dead process on this host or a Slurm job that ended;
+a requeued Slurm job keeps its job id, so a higher restart count of the same job also marks the old lock as
+its own previous run. Anything else is a live writer, and the second `diffmic train` stops with one line
+naming it. `eval` and `predict` only read, and take no lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from ..errors import RunLockError
+
+LOCK_FILE = ".lock"
+# squeue states of a job that still runs or will run again.
+LIVE_JOB_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                   "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def process_start(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot, from /proc): tells a reused pid from the holder."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or process_start(pid) in (None, started)
+
+
+def slurm_job_alive(job_id: str) -> bool | None:
+    """True or False from squeue; None when Slurm cannot be asked from here."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return False if "Invalid job id" in result.stderr else None
+    return bool(set(result.stdout.split()) & LIVE_JOB_STATES)
+
+
+def this_holder(token: str) -> dict:
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start(os.getpid()),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token}
+    if os.environ.get("SLURM_JOB_ID"):
+        holder.update({"slurm_job_id": os.environ["SLURM_JOB_ID"],
+                       "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)})
+    return holder
+
+
+def describe(holder: dict) -> str:
+    job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('started')}"
+
+
+def is_stale(holder: dict, me: dict) -> bool:
+    job = holder.get("slurm_job_id")
+    same_job = bool(job) and job == me.get("slurm_job_id")
+    # The same job id again with a higher restart count: a requeued run of this job, whose earlier run held it.
+    if same_job and int(holder.get("slurm_restart_count", 0)) < int(me.get("slurm_restart_count", 0)):
+        return True
+    on_this_host = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+    if on_this_host and not pid_alive(holder["pid"], holder.get("pid_started")):
+        return True
+    return bool(job) and not same_job and slurm_job_alive(job) is False
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    def acquire(self) -> None:
+        """Takes the lock or raises RunLockError naming the holder."""
+        me = this_holder(self.token)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if self._create(me):
+                self.held = True
+                return
+            holder = self._read()
+            if holder is None:
+                continue  # released (or taken over) meanwhile: try again
+            if not is_stale(holder, me):
+                raise RunLockError(f"{self.path.parent} is in use by another diffmic train ({describe(holder)}); "
+                                   f"wait for it to finish or use another --run-dir. If no run is using the "
+                                   f"folder, delete {self.path}")
+            self._remove_stale(holder)
+        raise RunLockError(f"could not take {self.path}: other processes keep replacing it")
+
+    def _create(self, me: dict) -> bool:
+        """Atomic: the lock appears with its whole content, or not at all if one exists already."""
+        temporary = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
+        temporary.write_text(json.dumps(me, indent=2))
+        try:
+            os.link(temporary, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _read(self) -> dict | None:
+        try:
+            values = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise RunLockError(f"{self.path} exists but is not a lock diffmic wrote; if no run is using "
+                               f"{self.path.parent}, delete it") from None
+        return values if isinstance(values, dict) else {}
+
+    def _remove_stale(self, holder: dict) -> None:
+        """Moves the stale lock aside first, so two processes recovering at once cannot both win."""
+        aside = self.path.with_name(f"{LOCK_FILE}.stale.{self.token}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if moved != holder:  # someone replaced it between our read and the rename: put theirs back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Removes the lock if it is still ours (a stale takeover may have replaced it)."""
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read_quietly()
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def _read_quietly(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,56 @@
+"""Validation during training: the model-selection split sampled on every process, gathered once, scored
+on every process (so all agree on whether a checkpoint is the best so far)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..data import eval_loader
+from ..evaluation.inference import check_keys, gather_predictions, predict_batches
+from ..evaluation.metrics import classification_metrics, selection_score
+from .distributed import forward_autocast
+
+
+@dataclass
+class Validation:
+    row: dict  # the metrics.jsonl row
+    score: float  # train.select_metric of the diffusion's predictions
+
+    def summary(self) -> str:
+        split = self.row["split"]
+        return (f"step {self.row['step']} {split}: accuracy {self.row[f'{split}/accuracy']:.4f}, macro F1 "
+                f"{self.row[f'{split}/macro_f1']:.4f} (DCG accuracy {self.row[f'{split}/dcg_accuracy']:.4f})")
+
+
+class Validator:
+    def __init__(self, accelerator, shard_dir: Path, manifest, config: Config):
+        self.accelerator, self.shard_dir, self.manifest, self.config = accelerator, shard_dir, manifest, config
+        self.split = config.train.select_split
+        self.metric = config.train.select_metric
+
+    def __call__(self, module, ema, step: int, epoch: int) -> Validation:
+        acc, eval_cfg = self.accelerator, self.config.eval
+        loader = eval_loader(self.shard_dir, self.split, self.config.data, eval_cfg.batch_size,
+                             acc.process_index, acc.num_processes)
+        weights = ema.swapped_into(module.denoiser) if (ema is not None and eval_cfg.use_ema) else nullcontext()
+        started = time.perf_counter()
+        with weights:
+            local = predict_batches(module, loader, acc.device, self.config.train.seed, eval_cfg.steps,
+                                    eval_cfg.sampler, eval_cfg.n_samples, eval_cfg.aggregate,
+                                    autocast=forward_autocast(acc))
+        predictions = gather_predictions(local, acc)
+        check_keys(predictions, self.manifest.split_info(self.split).keys, self.split)
+        classes = self.manifest.classes
+        metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
+        guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
+        score = selection_score(metrics, self.metric)
+        split = self.split
+        row = {"step": step, "epoch": epoch, "split": split, f"{split}/accuracy": metrics["accuracy"],
+               f"{split}/macro_f1": metrics["macro_f1"], f"{split}/kappa": metrics["kappa_quadratic"],
+               f"{split}/dcg_accuracy": guide["accuracy"], f"{split}/seconds": time.perf_counter() - started,
+               "selection_score": score}
+        return Validation(row, score)
