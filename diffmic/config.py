@@ -149,6 +149,8 @@ class DataConfig(Section):
     image_size: int = 224
     num_workers: int = 4
     shuffle_buffer: int = 1000  # training samples each loader worker holds to shuffle across shards
+    # Cross-validation (`diffmic shard --folds K`): validate on fold i, train on the other folds; -1: none.
+    fold: int = -1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ImageNet statistics: the trunks expect them, pretrained or not.
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -160,6 +162,7 @@ class DataConfig(Section):
                  f"got {self.image_size}, expected a positive multiple of {CELL_SIZE}")
         _require(self.num_workers >= 0, "num_workers", f"got {self.num_workers}, expected >= 0")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"got {self.shuffle_buffer}, expected at least 1")
+        _require(self.fold >= -1, "fold", f"got {self.fold}, expected a fold number 0..K-1, or -1 for none")
         for key in ("mean", "std"):
             _require(len(getattr(self, key)) == 3, key, "expected three values (R, G, B)")
         _require(all(s > 0 for s in self.std), "std", "every value must be positive")

@@ -47,7 +47,10 @@ def shard(
     test_fraction: float = typer.Option(None, "--test-fraction",
                                         help="Test share. Default " + _by_default(lambda layout: layout.test_fraction)
                                              + ". Unused when the source or --split-from gives a test split."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Validation share carved from train; 0: none."),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Validation share carved from train; 0: none. "
+                                                                    "Default 0.1 (0 with --folds)."),
+    folds: int = typer.Option(0, "--folds", help="Also deal the train split into K folds (stratified, lesions kept "
+                                                 "together) for cross-validation: train with --set data.fold=i."),
     group: bool = typer.Option(True, "--group/--no-group", help="Keep each lesion in one split (HAM10000 "
                                                                 "metadata); --no-group: the authors' image split."),
     split_from: list[Path] = typer.Option(None, "--split-from", help="Use a given split: a CSV of key,split or "
@@ -65,13 +68,14 @@ def shard(
       diffmic shard --dataset ham10000   (reads data/ham10000, writes shards/ham10000)
       diffmic shard --dataset aptos2019 --size 384
       diffmic shard --dataset imagefolder --root data/pmg2000 --out shards/pmg2000
+      diffmic shard --dataset imagefolder --root data/pmg2000 --out shards/pmg2000-cv --folds 5
       diffmic shard --dataset ham10000 --split-from train.pkl --split-from test.pkl   (the authors' split)
     """
     from ..data import ShardOptions, ShardWarning, shard_dataset
 
     options = ShardOptions(
         dataset=dataset, root=root, out=out, name=name, size=size, image_format=image_format, quality=quality,
-        shard_size=shard_size, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction, grouped=group,
+        shard_size=shard_size, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction, folds=folds, grouped=group,
         split_from=list(split_from or []), skip_bad=skip_bad, overwrite=overwrite,
         classes=[part.strip() for part in classes.split(",")] if classes else None,
         **({"workers": workers} if workers is not None else {}))
@@ -124,6 +128,7 @@ def info(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic sh
     console.print(f"{manifest.dataset} ({manifest.source} layout, {manifest.tool}): {manifest.image_size}px "
                   f"{manifest.image_format}, seed {split.get('seed')}, test fraction {split.get('test_fraction')}, "
                   f"val fraction {split.get('val_fraction')}, grouped by lesion: {split.get('grouped_by_lesion')}, "
+                  f"{manifest.fold_count or 'no'} cross-validation folds, "
                   f"{manifest.rejected} rejected", highlight=False)
     console.print(_counts_table(manifest))
 

@@ -143,6 +143,7 @@ class TrainPlan:
     rank: int
     shuffle_buffer: int
     augment: AugmentConfig
+    keep: frozenset[str] | None = None  # the samples of the shards it may use (cross-validation); None: all
 
 
 def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
@@ -152,6 +153,8 @@ def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
     buffer: list[dict] = []
     while True:
         for sample in read_shard(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
+            if plan.keep is not None and sample["__key__"] not in plan.keep:
+                continue
             if len(buffer) < plan.shuffle_buffer:
                 buffer.append(sample)
                 continue
@@ -214,31 +217,36 @@ class TrainLoader:
 
 def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch: int, rank: int = 0,
                  world_size: int = 1, num_workers: int | None = None, start_batch: int = 0) -> TrainLoader:
-    """The training stream of the train split for one epoch of one rank (see the module docstring)."""
+    """The training stream of the train split (less fold `data.fold` when cross-validating) for one epoch
+    of one rank (see the module docstring)."""
     _check_rank(rank, world_size)
     manifest = read_manifest(shard_dir)
     check_compatible(manifest, data)
-    info = manifest.split_info("train")
-    steps = steps_per_epoch(manifest, batch_size, world_size)
+    selection = manifest.selection("train", data.fold)
+    steps = steps_per_epoch(manifest, batch_size, world_size, data.fold)
     if not 0 <= start_batch <= steps:
         raise ValueError(f"start_batch {start_batch} is not in 0..{steps} (steps per epoch)")
-    check_shard_files(manifest, info.shards)  # every rank draws from every train shard
+    check_shard_files(manifest, selection.shards)  # every rank draws from every train shard
     workers = usable_workers(data.num_workers if num_workers is None else num_workers)
-    plan = TrainPlan(shards=tuple(str(path) for path in manifest.shard_paths("train")),
-                     counts=tuple(entry.count for entry in info.shards), image_format=manifest.image_format,
+    plan = TrainPlan(shards=tuple(str(manifest.folder / entry.file) for entry in selection.shards),
+                     counts=tuple(selection.counts), image_format=manifest.image_format,
                      batch_size=batch_size, steps=steps, start_batch=start_batch, workers=max(workers, 1),
                      seed=seed, epoch=epoch, rank=rank, shuffle_buffer=data.shuffle_buffer,
-                     augment=data.augment)
+                     augment=data.augment, keep=selection.keep)
     return TrainLoader(plan, workers, _normaliser(data))
 
 
-def eval_batches(shards: list[str], image_format: str, batch_size: int, normalise) -> Iterator[dict]:
-    """Every sample of `shards` once, in order. Batches never cross a shard boundary (each shard's last
-    batch may be partial), so a sample meets the same batch mates whatever the number of ranks and
-    workers, and batch-dependent floating-point rounding cannot make results depend on them."""
+def eval_batches(shards: list[str], image_format: str, batch_size: int, normalise,
+                 keep: frozenset[str] | None = None) -> Iterator[dict]:
+    """Every sample of `shards` (in `keep`, when given) once, in order. Batches never cross a shard
+    boundary (each shard's last batch may be partial), so a sample meets the same batch mates whatever the
+    number of ranks and workers, and batch-dependent floating-point rounding cannot make results depend on
+    them."""
     for shard in shards:
         pending: list[dict] = []
         for sample in read_shard(Path(shard)):
+            if keep is not None and sample["__key__"] not in keep:
+                continue
             pending.append(sample)
             if len(pending) == batch_size:
                 yield _eval_batch(pending, image_format, normalise)
@@ -254,23 +262,25 @@ def _eval_batch(samples: list[dict], image_format: str, normalise) -> dict:
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, worker_shards: list[list[str]], image_format: str, batch_size: int, normalise):
+    def __init__(self, worker_shards: list[list[str]], image_format: str, batch_size: int, normalise,
+                 keep: frozenset[str] | None):
         self.worker_shards, self.image_format = worker_shards, image_format
-        self.batch_size, self.normalise = batch_size, normalise
+        self.batch_size, self.normalise, self.keep = batch_size, normalise, keep
 
     def __iter__(self):
         info = get_worker_info()
         shards = self.worker_shards[info.id if info else 0]
-        return _relay_errors(eval_batches(shards, self.image_format, self.batch_size, self.normalise))
+        return _relay_errors(eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep))
 
 
 class EvalLoader:
     """One rank's share of a split; `len()` is the number of batches it yields (possibly 0)."""
 
     def __init__(self, worker_shards: list[list[str]], shard_counts: list[int], image_format: str,
-                 batch_size: int, normalise, in_processes: bool):
+                 batch_size: int, normalise, in_processes: bool, keep: frozenset[str] | None = None):
         self.worker_shards, self.shard_counts = worker_shards, shard_counts
         self.image_format, self.batch_size, self.normalise = image_format, batch_size, normalise
+        self.keep = keep
         self.num_workers = len(worker_shards) if in_processes else 0
 
     def __len__(self) -> int:
@@ -279,16 +289,17 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
             shards = self.worker_shards[0] if self.worker_shards else []
-            return eval_batches(shards, self.image_format, self.batch_size, self.normalise)
-        stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise)
+            return eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep)
+        stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise, self.keep)
         return _raise_relayed(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                          pin_memory=torch.cuda.is_available(), generator=_private_generator()))
 
 
 def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int | None = None) -> EvalLoader:
-    """Every sample of `split` exactly once across all ranks and workers (see the module docstring).
-    Workers beyond this rank's shard count would get nothing to read, so they are not started."""
+    """Every sample of `split` exactly once across all ranks and workers (see the module docstring); with
+    `data.fold` >= 0, "val" is that fold of the train split. Workers beyond this rank's shard count would
+    get nothing to read, so they are not started."""
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -296,17 +307,19 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
     check_compatible(manifest, data)
     # Every rank checks the whole split, so that a damaged shard stops all ranks alike instead of leaving
     # the others waiting for the one that stopped.
-    check_shard_files(manifest, manifest.split_info(split).shards)
-    entries = manifest.split_info(split).shards[rank::world_size]
+    selection = manifest.selection(split, data.fold)
+    check_shard_files(manifest, selection.shards)
+    # Shards without a selected sample are left out before they are shared between ranks.
+    filled = [(entry, count) for entry, count in zip(selection.shards, selection.counts) if count]
+    entries, counts = [entry for entry, _ in filled[rank::world_size]], [count for _, count in filled[rank::world_size]]
     requested = usable_workers(data.num_workers if num_workers is None else num_workers)
     readers = max(requested, 1)  # 0 workers still means one reader: the main process
     workers = min(readers, len(entries))
     if len(entries) < readers:
-        warnings.warn(f"rank {rank} of {world_size} has {len(entries)} of the {split} split's "
-                      f"{len(manifest.split_info(split).shards)} shards for {readers} reader(s); "
+        warnings.warn(f"rank {rank} of {world_size} has {len(entries)} of the {selection.name} split's "
+                      f"{len(selection.shards)} shards for {readers} reader(s); "
                       f"using {workers}. Re-shard with a smaller --shard-size to read in parallel", stacklevel=2)
     folder = manifest.folder
     worker_shards = [[str(folder / entry.file) for entry in entries[worker::workers]] for worker in range(workers)]
-    return EvalLoader(worker_shards, [entry.count for entry in entries], manifest.image_format, batch_size,
-                      _normaliser(data),
-                      in_processes=requested > 0)
+    return EvalLoader(worker_shards, counts, manifest.image_format, batch_size, _normaliser(data),
+                      in_processes=requested > 0, keep=selection.keep)

@@ -36,6 +36,24 @@ class SplitInfo:
     class_counts: dict[str, int]  # class name -> samples, in class order
     shards: list[ShardEntry]
     keys: list[str]  # every sample key, in shard order
+    folds: list[int] | None = None  # the cross-validation fold of each key (train split of `shard --folds K`)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The samples one stream reads: some shards and, of their samples, those in `keep` (all when None).
+    With `data.fold = i` the train stream reads the train split without fold i and validation reads fold i
+    from the same shards: folds select samples, they are never sharded apart."""
+
+    name: str  # what it is, for messages: "train", "val", "train without fold 2", "fold 2 of train"
+    shards: list[ShardEntry]
+    counts: list[int]  # selected samples per shard
+    keys: list[str]  # the selected keys, in shard order
+    keep: frozenset[str] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
 
 
 @dataclass
@@ -67,9 +85,41 @@ class Manifest:
     def shard_paths(self, name: str) -> list[Path]:
         return [self.folder / entry.file for entry in self.split_info(name).shards]
 
+    @property
+    def fold_count(self) -> int:
+        """K of `diffmic shard --folds K`; 0 when the train split has no folds."""
+        return int(self.split.get("folds") or 0)
+
+    def has_split(self, name: str, fold: int = -1) -> bool:
+        return name in self.splits or (name == "val" and fold >= 0 and self.fold_count > 0)
+
+    def selection(self, name: str, fold: int = -1) -> Selection:
+        """What a stream of split `name` reads. `fold` >= 0 (data.fold) turns "train" into the train split
+        without that fold and "val" into that fold of the train split; other splits are unchanged."""
+        if fold < 0 or name not in ("train", "val"):
+            info = self.split_info(name)
+            return Selection(name, info.shards, [entry.count for entry in info.shards], info.keys)
+        if not self.fold_count:
+            raise ManifestError(f"{self.path} has no folds, so data.fold={fold} cannot select one: re-shard with "
+                                f"`diffmic shard ... --folds K --overwrite`, or drop data.fold")
+        if not 0 <= fold < self.fold_count:
+            raise ManifestError(f"data.fold={fold}, but {self.path} has folds 0..{self.fold_count - 1}")
+        train = self.split_info("train")
+        chosen = [(key, (of == fold) == (name == "val")) for key, of in zip(train.keys, train.folds)]
+        counts, start = [], 0
+        for entry in train.shards:  # keys are in shard order: each shard's keys are the next entry.count
+            counts.append(sum(selected for _, selected in chosen[start:start + entry.count]))
+            start += entry.count
+        keys = [key for key, selected in chosen if selected]
+        what = f"fold {fold} of train" if name == "val" else f"train without fold {fold}"
+        return Selection(what, train.shards, counts, keys, frozenset(keys))
+
     def to_json(self) -> str:
         values = asdict(self)
         del values["path"], values["digest"]
+        for info in values["splits"].values():
+            if info["folds"] is None:  # only a folded train split carries them
+                del info["folds"]
         return json.dumps({"format": MANIFEST_FORMAT, **values}, indent=1) + "\n"
 
 
@@ -141,8 +191,13 @@ def _split_from_dict(name: str, values, classes: list[str]) -> SplitInfo:
     shards = [ShardEntry(file=_typed(entry, "file", str), count=_typed(entry, "count", int),
                          sha256=_typed(entry, "sha256", str), bytes=_typed(entry, "bytes", int))
               for entry in _typed(values, "shards", list)]
+    folds = values.get("folds")
     info = SplitInfo(count=_typed(values, "count", int), class_counts=_typed(values, "class_counts", dict),
-                     shards=shards, keys=_typed(values, "keys", list))
+                     shards=shards, keys=_typed(values, "keys", list),
+                     folds=None if folds is None else _typed(values, "folds", list))
+    if info.folds is not None and (len(info.folds) != len(info.keys)
+                                   or not all(isinstance(f, int) and f >= 0 for f in info.folds)):
+        raise ValueError(f"split '{name}': 'folds' must give one fold number per key")
     if list(info.class_counts) != classes:
         raise ValueError(f"split '{name}': class_counts does not list the classes in order")
     totals = {"shard counts": sum(entry.count for entry in shards), "keys": len(info.keys),
@@ -153,9 +208,10 @@ def _split_from_dict(name: str, values, classes: list[str]) -> SplitInfo:
     return info
 
 
-def steps_per_epoch(manifest: Manifest, batch_size: int, world_size: int) -> int:
-    """Training batches per rank and epoch: one pass over the train split's worth of samples across
-    all ranks, the same on every rank (the stream resamples, so it never runs dry)."""
+def steps_per_epoch(manifest: Manifest, batch_size: int, world_size: int, fold: int = -1) -> int:
+    """Training batches per rank and epoch: one pass over the training samples' worth (the train split,
+    less fold `fold` when cross-validating) across all ranks, the same on every rank (the stream
+    resamples, so it never runs dry)."""
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
-    return max(1, manifest.split_info("train").count // (batch_size * world_size))
+    return max(1, manifest.selection("train", fold).count // (batch_size * world_size))

@@ -28,7 +28,7 @@ from .layouts import LAYOUTS, Layout
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_manifest
 from .shardio import SplitShardWriter
 from .sources import Problem, Record, ShardError, SourceData
-from .splits import apply_given_splits, assign_splits, read_split_files
+from .splits import apply_given_splits, assign_folds, assign_splits, read_split_files
 
 SHOWN_PROBLEMS = 20
 REJECTED_NAME = "rejected.csv"
@@ -54,7 +54,8 @@ class ShardOptions:
     shard_size: int = 256
     seed: int = 0
     test_fraction: float | None = None  # default: the layout's
-    val_fraction: float = 0.1
+    val_fraction: float | None = None  # default 0.1, or 0 with folds (the folds validate)
+    folds: int = 0  # K folds over the train split for cross-validation (data.fold); 0: none
     grouped: bool = True
     split_from: list[Path] = field(default_factory=list)
     classes: list[str] | None = None
@@ -75,6 +76,11 @@ class ShardOptions:
         self.size = self.size or layout.size
         if self.test_fraction is None:
             self.test_fraction = layout.test_fraction
+        if self.folds and self.val_fraction:
+            raise ShardError(f"--folds {self.folds} validates on each fold in turn: leave out --val-fraction "
+                             f"{self.val_fraction} (no val split is carved with folds)")
+        if self.val_fraction is None:
+            self.val_fraction = 0.0 if self.folds else 0.1
         self._validate()
 
     @property
@@ -89,6 +95,7 @@ class ShardOptions:
                   (0 < self.test_fraction < 1, f"--test-fraction {self.test_fraction}: use a value in (0, 1)"),
                   (0 <= self.val_fraction < 1, f"--val-fraction {self.val_fraction}: use a value in [0, 1)"),
                   (self.seed >= 0, f"--seed {self.seed}: use a non-negative integer"),
+                  (self.folds == 0 or self.folds >= 2, f"--folds {self.folds}: use at least 2 (or 0 for none)"),
                   (self.workers >= 1, f"--workers {self.workers}: use at least 1"),
                   (not (self.classes and self.layout.fixed_classes),
                    f"--classes does not apply to {self.dataset}, whose classes are fixed")]
@@ -218,6 +225,13 @@ def encode_splits(splits: dict[str, list[Record]], classes: list[str], work: Pat
             progress(done, len(ordered))
     infos = {name: SplitInfo(count=len(keys[name]), class_counts=counts[name], shards=writers[name].finish(),
                              keys=keys[name]) for name in splits}
+    if options.folds:
+        fold_of = assign_folds(splits["train"], options.folds, options.seed, options.grouped)
+        infos["train"].folds = [fold_of[key] for key in keys["train"]]
+        empty = sorted(set(range(options.folds)) - set(infos["train"].folds))
+        if empty:
+            raise ShardError(f"--folds {options.folds}: fold(s) {', '.join(map(str, empty))} would be empty with "
+                             f"{len(keys['train'])} training images; use fewer folds")
     return infos, rejected
 
 
@@ -253,7 +267,7 @@ def build_manifest(options: ShardOptions, source: SourceData, splits: dict[str, 
         split={"seed": options.seed, "test_fraction": None if "test" in given else options.test_fraction,
                "val_fraction": None if "val" in given else options.val_fraction,
                "grouped_by_lesion": grouped, "given_by": [str(path) for path in options.split_from]
-               or ([options.dataset] if given else [])},
+               or ([options.dataset] if given else []), **({"folds": options.folds} if options.folds else {})},
         splits=infos, rejected=rejected, tool=f"diffmic {__version__}",
         source_root=str(options.root.resolve()) if options.root is not None else source.origin)
 

@@ -15,18 +15,18 @@ from .manifest import SPLIT_NAMES
 from .presplit import is_list_entry, list_key, load_split_list, split_named_by
 from .sources import Problem, Record, ShardError, read_csv, safe_key
 
-# Streams of the split seed, so that the test cut, the val cut and the sample order never share draws.
-TEST_STREAM, VAL_STREAM, ORDER_STREAM = 0, 1, 2
+# Streams of the split seed, so that the test cut, the val cut, the sample order and the folds never share
+# draws.
+TEST_STREAM, VAL_STREAM, ORDER_STREAM, FOLD_STREAM = 0, 1, 2, 3
 
 
 def _unit_of(record: Record, grouped: bool) -> tuple[str, str]:
     return ("lesion", record.group) if grouped and record.group else ("image", record.key)
 
 
-def stratified_holdout(records: list[Record], fraction: float, seed: int, stream: int,
-                       grouped: bool) -> tuple[list[Record], list[Record]]:
-    """(kept, held out): about `fraction` of each class held out. With `grouped`, whole lesions move
-    together; a lesion counts under its most frequent label."""
+def _units_by_class(records: list[Record], grouped: bool) -> dict[int, list[tuple[str, str]]]:
+    """The units that move together (a lesion with `grouped`, else an image), sorted, under the class they
+    count for: a lesion's most frequent label (the lowest on a tie)."""
     units: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for record in records:
         units[_unit_of(record, grouped)].append(record)
@@ -35,6 +35,14 @@ def stratified_holdout(records: list[Record], fraction: float, seed: int, stream
         counts = Counter(record.label for record in units[unit])
         top = max(counts.values())
         units_by_class[min(label for label, count in counts.items() if count == top)].append(unit)
+    return units_by_class
+
+
+def stratified_holdout(records: list[Record], fraction: float, seed: int, stream: int,
+                       grouped: bool) -> tuple[list[Record], list[Record]]:
+    """(kept, held out): about `fraction` of each class held out. With `grouped`, whole lesions move
+    together; a lesion counts under its most frequent label."""
+    units_by_class = _units_by_class(records, grouped)
     rng = np.random.default_rng([seed, stream])
     held_units = set()
     for label in sorted(units_by_class):
@@ -64,6 +72,21 @@ def assign_splits(records: list[Record], test_fraction: float, val_fraction: flo
             order = np.random.default_rng([seed, ORDER_STREAM, index]).permutation(len(pools[name]))
             splits[name] = [pools[name][position] for position in order]
     return splits
+
+
+def assign_folds(records: list[Record], folds: int, seed: int, grouped: bool) -> dict[str, int]:
+    """key -> fold in 0..folds-1, stratified by class (each class's units dealt out in a seeded order) and,
+    with `grouped`, by lesion (all images of a lesion in one fold). The deal continues from class to class,
+    so the folds' sizes differ by at most one unit per class."""
+    units_by_class = _units_by_class(records, grouped)
+    fold_of_unit, dealt = {}, 0
+    rng = np.random.default_rng([seed, FOLD_STREAM])
+    for label in sorted(units_by_class):
+        members = units_by_class[label]
+        for position in rng.permutation(len(members)):
+            fold_of_unit[members[position]] = dealt % folds
+            dealt += 1
+    return {record.key: fold_of_unit[_unit_of(record, grouped)] for record in records}
 
 
 def _read_split_csv(path: Path) -> dict[str, str]:
