@@ -99,3 +99,16 @@ def test_shard_cli_takes_folds_and_info_reports_them(tmp_path):
     assert result.returncode == 0, result.stderr
     assert read_manifest(out).fold_count == 4
     assert "4 cross-validation folds" in diffmic_here(["info", str(out)]).stdout
+
+
+def test_a_fold_run_validates_on_its_fold(folded_digits, tmp_path):
+    from engine_helpers import finish, start_training
+
+    run = tmp_path / "fold1"
+    finish(start_training(run, folded_digits.folder, "data.fold=1", "train.max_steps=2", "train.checkpoint_every=100"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validations = [row for row in rows if row.get("split") == "val"]
+    assert validations, rows
+    # The trainer checked the gathered keys against fold 1 of the train split (check_keys) and trained on
+    # the rest: an epoch is the other folds' worth of batches.
+    assert json.loads((run / "run.json").read_text())["steps_per_epoch"] == folded_digits.selection("train", 1).count // 32

@@ -115,7 +115,7 @@ class Trainer:
 
     def _set_up(self, progress: bool, resume: bool, allow_changes: Iterable[str], facts: dict) -> None:
         acc, cfg = self.accelerator, self.train_cfg
-        self.micro_batches = steps_per_epoch(self.manifest, cfg.batch_size, self.world)
+        self.micro_batches = steps_per_epoch(self.manifest, cfg.batch_size, self.world, self.config.data.fold)
         if self.micro_batches < cfg.grad_accum:
             raise ValueError(f"train.grad_accum={cfg.grad_accum} exceeds the {self.micro_batches} "
                              f"batches per epoch; lower it or train.batch_size")
@@ -123,7 +123,7 @@ class Trainer:
         self.steps_per_epoch = self.micro_batches // cfg.grad_accum
         self.micro_batches = self.steps_per_epoch * cfg.grad_accum
         self.total_epochs = cfg.dcg_warmup_epochs + cfg.epochs
-        if cfg.val_every and cfg.select_split not in self.manifest.splits:
+        if cfg.val_every and not self.manifest.has_split(cfg.select_split, self.config.data.fold):
             # Found now, not after the first epochs: a small dataset can round its val share to nothing.
             raise ConfigError("train.select_split", f"{self.shard_dir} has no '{cfg.select_split}' split to "
                               f"validate on (splits: {', '.join(self.manifest.splits)}); re-shard with a larger "

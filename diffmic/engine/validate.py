@@ -43,7 +43,8 @@ class Validator:
                                     eval_cfg.sampler, eval_cfg.n_samples, eval_cfg.aggregate,
                                     autocast=forward_autocast(acc))
         predictions = gather_predictions(local, acc)
-        check_keys(predictions, self.manifest.split_info(self.split).keys, self.split)
+        # With data.fold, 'val' is that fold of the train split (Manifest.selection).
+        check_keys(predictions, self.manifest.selection(self.split, self.config.data.fold).keys, self.split)
         classes = self.manifest.classes
         metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
         guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
@@ -51,6 +52,7 @@ class Validator:
         split = self.split
         row = {"step": step, "epoch": epoch, "split": split, f"{split}/accuracy": metrics["accuracy"],
                f"{split}/macro_f1": metrics["macro_f1"], f"{split}/kappa": metrics["kappa_quadratic"],
-               f"{split}/dcg_accuracy": guide["accuracy"], f"{split}/seconds": time.perf_counter() - started,
+               f"{split}/dcg_accuracy": guide["accuracy"], f"{split}/dcg_macro_f1": guide["macro_f1"],
+               f"{split}/seconds": time.perf_counter() - started,
                "selection_score": score}
         return Validation(row, score)
