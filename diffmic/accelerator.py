@@ -39,9 +39,11 @@ def _single_process_environment() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, deepspeed: dict | None = None):
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, deepspeed: dict | None = None,
+                     log_with: list[str] | None = None):
     """An Accelerator for `mixed_precision` ("no", "bf16", "fp16"; resolved for the device), accumulating
-    gradients over `grad_accum` micro-batches, under DeepSpeed when its JSON config is given."""
+    gradients over `grad_accum` micro-batches, under DeepSpeed when its JSON config is given, reporting to
+    Accelerate's experiment trackers `log_with` (started later with `init_trackers`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -61,4 +63,7 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, deepspeed
     if not on_gpu and (plugin is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # no NCCL without GPUs
     return Accelerator(mixed_precision=precision, cpu=not on_gpu and plugin is None, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=grad_accum, deepspeed_plugin=plugin)
+                       gradient_accumulation_steps=grad_accum, deepspeed_plugin=plugin, log_with=log_with or None,
+                       # Trackers that write files refuse to start without a folder; the real one (the run
+                       # folder, chosen after the process group is up) is set before init_trackers.
+                       project_dir="." if log_with else None)

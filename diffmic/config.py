@@ -118,6 +118,11 @@ def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
         raise error.under(prefix) if prefix else error
 
 
+# Accelerate's experiment trackers and the package each needs (`pip install diffmic[NAME]` for ours).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
 class Section:
     """Base of every config section: type-checks its own fields, then runs `validate`."""
 
@@ -260,7 +265,8 @@ class TrainConfig(Section):
     checkpoint_every: int | str = 1
     keep_last: int = 2
     log_every: int = 10  # steps
-    tensorboard: bool = False
+    # Experiment trackers through Accelerate ("tensorboard", "wandb", "mlflow", ...); metrics.jsonl always.
+    log_with: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -273,6 +279,8 @@ class TrainConfig(Section):
         for key in ("grad_clip", "dcg_grad_clip"):
             _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0 (0 disables)")
         _require(0 <= self.ema_rate < 1, "ema_rate", f"got {self.ema_rate}, expected in [0, 1)")
+        unknown = [name for name in self.log_with if name not in TRACKERS]
+        _require(not unknown, "log_with", f"got {unknown}, expected trackers among {', '.join(TRACKERS)}")
 
 
 INTERVAL_UNITS = {"epoch": "epoch", "epochs": "epoch", "step": "step", "steps": "step", "m": "minute",
@@ -337,10 +345,34 @@ class Config(Section):
         return dataclasses.asdict(self)
 
 
+def _tensorboard_to_log_with(train: dict, value) -> None:
+    if value is True and "tensorboard" not in train.setdefault("log_with", []):
+        train["log_with"] = [*train["log_with"], "tensorboard"]
+
+
+# Keys of earlier versions that still load: (section, old key) -> (how it maps onto today's keys, the message).
+DEPRECATED_KEYS = {
+    ("train", "tensorboard"): (_tensorboard_to_log_with, "train.tensorboard is deprecated: use train.log_with: "
+                                                         "[tensorboard] (it is read as that)"),
+}
+
+
+def _migrate(values: dict) -> dict:
+    """Rewrites deprecated keys into today's (saying so once per key), so old configs keep loading."""
+    import warnings
+
+    for (section, key), (apply, message) in DEPRECATED_KEYS.items():
+        part = values.get(section)
+        if isinstance(part, dict) and key in part:
+            apply(part, part.pop(key))
+            warnings.warn(message, FutureWarning, stacklevel=3)
+    return values
+
+
 def config_from_dict(values: dict) -> Config:
     if not isinstance(values, dict):
         raise ConfigError("", f"expected a mapping at the top level, got {type(values).__name__}")
-    return _from_dict(Config, values)
+    return _from_dict(Config, _migrate(values))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

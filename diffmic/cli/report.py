@@ -8,13 +8,10 @@ import typer
 
 from .common import UserError, app, console
 
-CURVES_FILE = "curves.png"
-
-
 def write_curves(run: Path) -> Path:
     """RUN/curves.png from RUN/metrics.jsonl; UserError when there is nothing to draw yet."""
     from ..engine.rundir import read_metrics
-    from ..evaluation.curves import plot_training_curves
+    from ..evaluation.curves import CURVES_FILE, plot_training_curves
 
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run} has no metrics.jsonl: is it a run folder made by `diffmic train`?")

@@ -49,9 +49,24 @@ def deepspeed_config(train: TrainConfig, precision: str) -> dict:
 
 def training_accelerator(train: TrainConfig):
     """The Accelerator of a training run: its precision, accumulation and engine from `train`."""
+    check_trackers(train.log_with)
     precision = resolve_precision(train.mixed_precision, torch.cuda.is_available())
     return make_accelerator(precision, train.grad_accum, deepspeed_config(train, precision) if uses_deepspeed(train)
-                            else None)
+                            else None, train.log_with)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker of train.log_with is installed, or one message says how to install it (Accelerate itself
+    would only warn and drop it, and the run would log nowhere)."""
+    import importlib.util
+
+    from ..config import TRACKERS
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        packages = " ".join(TRACKERS[name] for name in missing)
+        raise ConfigError("train.log_with", f"{', '.join(missing)} is not installed: pip install {packages} "
+                          f"(or pip install 'diffmic[{','.join(missing)}]'), or take it out of train.log_with")
 
 
 def training_precision(accelerator) -> str:

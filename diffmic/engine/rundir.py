@@ -59,19 +59,13 @@ def _read_run_json(path: Path) -> dict:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to RUN/metrics.jsonl (and TensorBoard when asked); rank 0 only."""
+    """Appends one JSON object per line to RUN/metrics.jsonl and sends its numbers to the experiment trackers
+    of `accelerator` (train.log_with) at the row's step; rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, enabled: bool, accelerator=None):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
-                                   "pip install tensorboard (or set train.tensorboard=false)") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.accelerator = accelerator  # its trackers start in the trainer's prepare_run
 
     def cut_after(self, step: int) -> int:
         """Drops the rows logged after `step` (the checkpoint a run resumes from) by an earlier session that
@@ -97,14 +91,29 @@ class MetricsLog:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("step",):
-                    self.writer.add_scalar(key, value, row["step"])
+        if self.accelerator is not None:
+            numbers = {key: value for key, value in row.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+            self.accelerator.log(numbers, step=row["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Nothing to close: the trackers end with the Accelerator (`end_training`)."""
+
+
+def tracker_parameters(config: Config, provenance: dict, facts: dict) -> dict:
+    """The run's hyper-parameters for the trackers: every config key (dotted; lists as text, which every
+    tracker accepts), its provenance (commit, shards, manifest hash) and the caller's facts."""
+    def flatten(values: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        return flat
+
+    extra = {key: value for key, value in {**provenance, **facts}.items() if key != "classes"}
+    return {**flatten(config.to_dict()), **flatten(extra, "run."), "run.classes": ",".join(provenance["classes"])}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -24,7 +24,7 @@ from ..models import build_model
 from ..progress import ProgressBar
 from .distributed import training_accelerator, training_precision
 from .optim import ExponentialMovingAverage, build_optimizer
-from .rundir import MetricsLog, provenance, write_run_files
+from .rundir import MetricsLog, provenance, read_metrics, tracker_parameters, write_run_files
 from .runlock import RunLock
 from .step import LossMeter, TrainStep
 from .validate import Validator
@@ -155,7 +155,7 @@ class Trainer:
         self.policy = CheckpointPolicy.from_setting(cfg.checkpoint_every)
         self.train_step = TrainStep(acc, self.model, self.module, self.optimizer, cfg)
         self.validator = Validator(acc, self.shard_dir, self.manifest, self.config)
-        self.log = MetricsLog(self.run_dir, self.is_main, cfg.tensorboard)
+        self.log = MetricsLog(self.run_dir, self.is_main, acc)
         self.show_progress = progress and self.is_main
         self.last_checkpoint: Path | None = None
         self.last_validation: dict = {}
@@ -185,6 +185,7 @@ class Trainer:
                      "distributed": acc.distributed_type.value, "steps_per_epoch": self.steps_per_epoch,
                      "select_split": cfg.select_split, **self.facts}
             write_run_files(self.run_dir, self.config, self.provenance, facts, self._session())
+            self._start_trackers(facts)
             remove_partials(self.run_dir)
             cut = self.log.cut_after(self.start.step)
             extra = "".join(f", {key} {value}" for key, value in self.facts.items())
@@ -267,6 +268,20 @@ class Trainer:
 
             Console(stderr=True).print(message, highlight=False)
 
+    def _start_trackers(self, facts: dict) -> None:
+        """train.log_with's trackers, with the config and provenance as hyper-parameters: TensorBoard writes
+        to RUN/tensorboard/, MLflow and the others where their own settings say (MLFLOW_TRACKING_URI, ...)."""
+        if not self.train_cfg.log_with:
+            return
+        project = self.accelerator.project_configuration
+        project.set_directories(str(self.run_dir))
+        project.logging_dir = str(self.run_dir / "tensorboard")
+        self.accelerator.init_trackers(f"diffmic-{self.config.data.dataset}",
+                                       config=tracker_parameters(self.config, self.provenance, facts),
+                                       init_kwargs={"mlflow": {"run_name": self.run_dir.name},
+                                                    "wandb": {"name": self.run_dir.name}})
+        self.print(f"logging to {', '.join(self.train_cfg.log_with)} as well as {self.log.path}")
+
     def close(self) -> None:
         """Releases the run folder and ends the process group; safe to call more than once."""
         try:
@@ -289,8 +304,22 @@ class Trainer:
             self._validate()
         self._save()
         self.log.close()
+        self._draw_curves()
         return TrainResult(self.run_dir, self.state.step, self.state.joint_step, self.state.epoch, stopped_by,
                            self.last_checkpoint, self.state.best_step, self.state.best_score, self.last_validation)
+
+    def _draw_curves(self) -> None:
+        """RUN/curves.png at the end of every session (`diffmic report RUN` draws it at any time)."""
+        if not self.is_main:
+            return
+        from ..evaluation.curves import CURVES_FILE, plot_training_curves
+
+        try:
+            path = plot_training_curves(read_metrics(self.run_dir), self.run_dir / CURVES_FILE,
+                                        title=f"{self.run_dir.name}: training curves")
+        except ValueError:  # nothing logged yet (a run stopped before its first logging interval)
+            return
+        self.print(f"training curves: {path}")
 
     def _joint(self, epoch: int) -> bool:
         return self.module.denoiser is None or epoch >= self.train_cfg.dcg_warmup_epochs

@@ -15,6 +15,7 @@ import numpy as np
 
 from .plots import _save_atomically
 
+CURVES_FILE = "curves.png"  # in the run folder
 LOSS_TERMS = (("loss", "total"), ("mse", "MSE (fused branch)"), ("mmd", "MMD (global + local)"),
               ("guide_loss", "guidance cross-entropy"))
 RATES = (("lr_denoiser", "denoiser"), ("lr_guide", "guidance model"))
