@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from diffmic.config import load_config
+from diffmic.hardware import cpu_info
 from diffmic.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,22 +71,10 @@ def model_for(config_path: str, device: torch.device, args: argparse.Namespace |
     return model, config
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
 def cpu_description() -> str:
     """The CPU's model name and the vector/matrix extensions that decide its fast dtypes."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    present = [flag for flag in CPU_FLAGS if flag in flags]
+    model, flags = cpu_info()
+    present = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
     return f"{model} ({', '.join(present) or 'no avx2'})"
 
 

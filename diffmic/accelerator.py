@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from .hardware import cpu_has_native_bf16
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -20,11 +22,14 @@ def free_port() -> int:
 
 
 def resolve_precision(requested: str, on_gpu: bool) -> str:
-    """bf16 where the device does it natively; the CPU here has no bf16 units, so it trains in fp32."""
+    """The precision asked for where the device does it natively: bf16 on GPUs that have it and on CPUs
+    with AVX512-BF16 or AMX (diffmic.hardware), fp16 on GPUs only; fp32 elsewhere, said once."""
     if not on_gpu:
+        if requested == "bf16" and cpu_has_native_bf16():
+            return "bf16"
         if requested != "no":
-            warnings.warn(f"train.mixed_precision={requested} is not used on the CPU (no fast {requested} "
-                          f"kernels); training in fp32", stacklevel=2)
+            warnings.warn(f"train.mixed_precision={requested} is not used on this CPU (no native {requested} "
+                          f"kernels: bf16 needs avx512_bf16 or AMX); training in fp32", stacklevel=2)
         return "no"
     if requested == "bf16" and not torch.cuda.is_bf16_supported():
         warnings.warn("this GPU has no bf16 support; using fp16 with loss scaling", stacklevel=2)
