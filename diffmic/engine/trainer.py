@@ -72,6 +72,9 @@ class TrainResult:
     validation: dict = field(default_factory=dict)
 
 
+# How the caller's facts read in the run banner (run.json keeps the keys as they are).
+BANNER_LABELS = {"config_file": "config"}
+
 class StopSignal:
     """SIGTERM / SIGUSR2 ask the run to finish its step, save and exit 0 (Slurm preemption)."""
 
@@ -188,7 +191,7 @@ class Trainer:
             self._start_trackers(facts)
             remove_partials(self.run_dir)
             cut = self.log.cut_after(self.start.step)
-            extra = "".join(f", {key} {value}" for key, value in self.facts.items())
+            extra = "".join(f", {BANNER_LABELS.get(key, key)} {value}" for key, value in self.facts.items())
             self.print(f"run {self.run_dir}: {self.world} process(es) on {acc.device}, {precision} precision, "
                        f"global batch {global_batch} ({cfg.batch_size} per device x {self.world} x {cfg.grad_accum} "
                        f"accumulation), {self.steps_per_epoch} steps per epoch, checkpoints "
