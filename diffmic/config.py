@@ -177,7 +177,9 @@ class DataConfig(Section):
 class DCGConfig(Section):
     backbone: Backbone = "resnet50"
     local_backbone: Backbone = "resnet50"
-    pretrained: str = ""  # local torchvision ResNet state_dict for both trunks; never downloaded
+    # Both trunks' starting weights: 'imagenet' (torchvision's IMAGENET1K_V1, through its weights API and the
+    # torch hub cache), a torchvision ResNet state dict file, or '' for random init.
+    pretrained: str = ""
     k: int = 6  # number of ROI tiles
     top_t: float = 1.0  # fraction of saliency cells pooled into y_g (1.0 = global average pooling)
     crop_channels: Literal["all", "first"] = "all"  # 'first' = the reference's channel-0 crops
@@ -192,7 +194,7 @@ class DCGConfig(Section):
 @dataclass
 class DenoiserConfig(Section):
     encoder: Backbone = "resnet18"
-    pretrained: str = ""
+    pretrained: str = ""  # as model.dcg.pretrained; the authors' code starts the encoder at random
     feature_dim: int = 6144
 
     def validate(self) -> None:

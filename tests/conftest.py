@@ -80,3 +80,27 @@ def slurm_cluster() -> SlurmClusterInfo:
 # Session fixtures shared by the engine, evaluation and Slurm tests (defined once, here, so a session
 # trains the tiny run and shards digits only once).
 from engine_helpers import digits_shards, tiny_run  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------------------------
+# The paper configs start their trunks from ImageNet weights. Tests download nothing: every test (and every
+# process it starts) sees a torch hub cache holding stand-in files at the paths torchvision's weights API
+# reads, and DIFFMIC_OFFLINE=1, so a file that is missing is an error and never a download.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_imagenet_cache(tmp_path_factory):
+    from pretrained_helpers import place_imagenet_file
+
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    for arch in ("resnet18", "resnet50"):
+        place_imagenet_file(torch_home, arch)
+    saved = {key: os.environ.get(key) for key in ("TORCH_HOME", "DIFFMIC_OFFLINE")}
+    os.environ.update({"TORCH_HOME": str(torch_home), "DIFFMIC_OFFLINE": "1"})
+    yield torch_home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -7,13 +7,13 @@ import pytest
 from engine_helpers import diffmic_here
 
 COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "report", "sweep", "compare", "model-summary",
-            "configs"]  # --help order
+            "configs", "weights"]  # --help order
 # The same thing has the same name everywhere.
 SHARED_OPTIONS = {
     "--run": ["eval", "predict", "status", "report"],
-    "--config": ["train", "model-summary"],
-    "--dataset": ["shard", "train", "model-summary"],
-    "--set": ["train", "model-summary"],
+    "--config": ["train", "model-summary", "weights list", "weights fetch"],
+    "--dataset": ["shard", "train", "model-summary", "weights list", "weights fetch"],
+    "--set": ["train", "model-summary", "weights list", "weights fetch"],
     "--shards": ["train", "eval"],
     "--out": ["shard", "eval", "predict"],
     "--checkpoint": ["eval", "predict"],
@@ -26,7 +26,7 @@ SHARED_OPTIONS = {
 
 
 def help_text(command: str) -> str:
-    result = diffmic_here([command, "--help"])
+    result = diffmic_here([*command.split(), "--help"])
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -39,7 +39,7 @@ def test_the_top_level_help_lists_the_commands_in_the_order_of_the_users_path():
     assert "diffmic shard --dataset ham10000" in text and "diffmic eval --run" in text
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", [*COMMANDS, "weights list", "weights fetch"])
 def test_every_command_has_help_with_an_example(command):
     text = help_text(command)
     assert "Example" in text and f"diffmic {command}" in text

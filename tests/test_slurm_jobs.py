@@ -117,7 +117,8 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cl
 def test_a_job_with_a_bad_config_fails_and_the_command_says_where_the_logs_are(slurm_cluster, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     result = train_job(run_dir, digits_shards, "--wait", check=False,
-                       extra_overrides=["model.dcg.pretrained=/nonexistent/resnet18.pth"])
+                       # Found only once the job counts its batches (a missing weights file fails before submission).
+                       extra_overrides=["train.grad_accum=100000"])
     entry = record(run_dir)
     assert result.returncode != 0
     assert "FAILED" in result.stderr and entry["log_dir"] in result.stderr

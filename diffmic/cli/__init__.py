@@ -15,6 +15,7 @@ from . import report as _report  # noqa: F401  (curves.png)
 from . import sweep as _sweep  # noqa: F401  (sweep, compare)
 from . import model as _model  # noqa: F401  (model-summary)
 from . import configs as _configs  # noqa: F401  (configs list, show, copy, path)
+from . import weights as _weights  # noqa: F401  (weights list, fetch)
 
 
 def _version(value: bool) -> None:

@@ -24,12 +24,13 @@ def model_summary(
       diffmic model-summary --config configs/ham10000.yaml
       diffmic model-summary --dataset aptos2019 --set model.variant=basic
     """
+    from ..checkpoint import without_pretrained
     from ..config import load_config
     from ..models import build_model
 
     config = config_file(config, dataset)
     cfg = load_config(config, overrides or [])
-    model = build_model(cfg)
+    model = build_model(without_pretrained(cfg))  # counting parameters reads no ImageNet file
     table = Table(title=f"{config} (variant {cfg.model.variant}, {cfg.data.num_classes} classes, "
                         f"{cfg.data.image_size}px)")
     table.add_column("part")

@@ -67,9 +67,11 @@ def train_command(
       diffmic train --config configs/ham10000.yaml --run-dir runs/ham-1   (resumes runs/ham-1)
       diffmic train --config configs/ham10000.yaml --slurm --gpus 8 --nodes 2 --partition gpu
     """
+    from ..checkpoint import complete_checkpoints
     from ..config import load_config
     from ..data import read_manifest, shard_dir_for
     from ..engine import train
+    from ..models.pretrained import fetch_all
 
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
@@ -78,6 +80,9 @@ def train_command(
     facts = {"config_file": str(config_path.resolve())}
     if use_slurm or local:
         read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
+        if run_dir is None or not complete_checkpoints(run_dir):  # a resume starts from its checkpoint
+            for request in fetch_all(cfg):  # missing starting weights fail here too: job nodes read this cache
+                console.print(request.describe(), highlight=False, soft_wrap=True)
         options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
                                       qos, constraint, exclude, max_requeues, local)
         target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()

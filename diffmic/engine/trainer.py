@@ -14,13 +14,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, load_for_fine_tuning,
-                          remove_partials, without_pretrained)
+from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, complete_checkpoints,
+                          load_for_fine_tuning, remove_partials, without_pretrained)
 from ..config import Config, ConfigError
 from ..data import read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, PretrainedWeightsError
 from ..models import build_model
+from ..models.pretrained import WeightsRequest, fetch_all
 from ..progress import ProgressBar
 from .distributed import training_accelerator, training_precision
 from .optim import ExponentialMovingAverage, build_optimizer
@@ -109,6 +110,7 @@ class Trainer:
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.lock: RunLock | None = None
         try:
+            self.starting_weights = self._fetch_starting_weights(run_dir)
             self.run_dir = Path(run_dir) if run_dir else self._new_run_dir()
             self._take_lock()
             self._set_up(progress, resume, allow_changes, dict(facts or {}))
@@ -197,6 +199,9 @@ class Trainer:
                        f"accumulation), {self.steps_per_epoch} steps per epoch, checkpoints "
                        f"{self.policy.describe()}{extra}")
             self._say_how_it_starts(cut)
+            if self.start.checkpoint is None:
+                for request in self.starting_weights:
+                    self.print(request.describe())
             if cfg.select_split == "test":
                 self.print("[bold yellow]model selection uses the TEST split (the authors' protocol): "
                            "its test scores are optimistic[/]")
@@ -224,6 +229,23 @@ class Trainer:
         if cut_rows:
             self.print(f"metrics.jsonl: {cut_rows} row(s) logged after step {start.step} by the interrupted "
                        f"session removed (they are trained again)")
+
+    def _fetch_starting_weights(self, run_dir: str | Path | None) -> list[WeightsRequest]:
+        """The ImageNet/state-dict files a new run's trunks start from, on this machine before anything is
+        written (a run with checkpoints starts from those instead). Rank 0 downloads what is missing, so the
+        other ranks find it cached; a file that cannot be had stops every rank with one message."""
+        if run_dir is not None and complete_checkpoints(run_dir):
+            return []
+        requests, problem = [], None
+        if self.is_main:
+            try:
+                requests = fetch_all(self.config)
+            except PretrainedWeightsError as error:
+                problem = error
+        problem = self._from_rank_zero(problem)
+        if problem is not None:
+            raise problem
+        return requests
 
     def _from_rank_zero(self, value):
         from accelerate.utils import broadcast_object_list
@@ -269,7 +291,8 @@ class Trainer:
         if self.is_main:
             from rich.console import Console
 
-            Console(stderr=True).print(message, highlight=False)
+            # soft_wrap: a log line keeps its paths whole (a folded path cannot be copied or grepped).
+            Console(stderr=True).print(message, highlight=False, soft_wrap=True)
 
     def _start_trackers(self, facts: dict) -> None:
         """train.log_with's trackers, with the config and provenance as hyper-parameters: TensorBoard writes

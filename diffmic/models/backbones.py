@@ -1,39 +1,14 @@
-"""ResNet trunks (torchvision architectures) with optional weights from a local file, never a download."""
+"""ResNet trunks (torchvision architectures), starting from ImageNet weights, a state dict file or random init."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 
-from ..errors import PretrainedWeightsError
+from .pretrained import load_pretrained
 
 TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
-
-
-def load_local_weights(module: nn.Module, path: str | Path, arch: str) -> None:
-    """Loads a torchvision ResNet state_dict (the classifier head is ignored) from `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(
-            f"pretrained weights {path} do not exist; download the torchvision {arch} weights once "
-            f"(e.g. from the torch hub cache ~/.cache/torch/hub/checkpoints/) and point the config at the file, "
-            f"or set the key to '' to train from scratch")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that differ: weights of another architecture
-        raise PretrainedWeightsError(f"{path} does not hold {arch} weights: {str(error).splitlines()[1:2]}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise PretrainedWeightsError(
-            f"{path} does not hold {arch} weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
 
 
 class ResNetTrunk(nn.Module):
@@ -44,11 +19,12 @@ class ResNetTrunk(nn.Module):
         if arch not in TRUNK_CHANNELS:
             raise ValueError(f"unknown backbone {arch!r}; expected one of {', '.join(TRUNK_CHANNELS)}")
         resnet = getattr(models, arch)(weights=None)
-        if pretrained:
-            load_local_weights(resnet, pretrained, arch)
+        if pretrained:  # 'imagenet' or a file (models/pretrained.py); '' keeps torchvision's random init
+            load_pretrained(resnet, pretrained, arch)
         self.channels = TRUNK_CHANNELS[arch]
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layers = nn.Sequential(resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Channels-last activations are faster on CPUs (oneDNN) and tensor cores alike. The weights keep
         # the default layout: DeepSpeed broadcasts parameters as flat bytes and needs them contiguous.
