@@ -45,16 +45,17 @@ def list_command(config: Path = CONFIG_OPTION, dataset: str = DATASET_OPTION,
     if not requests:
         console.print("every trunk of this config starts from random weights: nothing to fetch")
         return
-    table = Table("trunk", "key", "weights", "file", "here", title="starting weights")
+    table = Table("trunk", "asked by", "file", "here", title="starting weights")
+    for column in table.columns[1:3]:  # keys and paths stay complete in a narrow terminal
+        column.overflow = "fold"
     for request in requests:
-        weights = f"ImageNet ({request.arch})" if request.is_imagenet else request.arch
         here = "[green]yes[/]" if request.path.is_file() else "[red]no[/]"
-        table.add_row(request.trunk, f"{request.key}={request.source}", weights, str(request.path), here)
+        table.add_row(request.trunk, f"{request.key}={request.source} ({request.arch})", str(request.path), here)
     console.print(table)
-    for request in requests:
-        if request.is_imagenet and not request.path.is_file():
-            console.print(f"{request.path.name}: `diffmic weights fetch`, or download {request.url}", highlight=False,
-                          soft_wrap=True)
+    missing = {request.path: request.url for request in requests if request.is_imagenet and not request.path.is_file()}
+    for path, url in missing.items():
+        console.print(f"missing {path.name}: `diffmic weights fetch` here, or download {url} into {path.parent}",
+                      highlight=False, soft_wrap=True)
 
 
 @weights_app.command("fetch")
