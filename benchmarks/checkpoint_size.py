@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffmic.accelerator import make_accelerator
-from diffmic.checkpoint import CheckpointManager, find_checkpoint
+from diffmic.checkpoint import CheckpointManager, find_checkpoint, without_pretrained
 from diffmic.config import load_config
 from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
 from diffmic.engine.trainer import TrainerState
@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "ham10000.yaml"))
     args = parser.parse_args()
     config = load_config(args.config, ["train.mixed_precision=no"])
-    model = build_model(config)
+    # Sizes do not depend on the starting weights: no ImageNet file is read or downloaded (offline machines).
+    model = build_model(without_pretrained(config))
     optimizer = build_optimizer(model, config.train)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)

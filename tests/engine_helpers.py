@@ -52,7 +52,7 @@ def cpu_environment(threads: int = 2, **extra) -> dict:
 
 
 def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600, deepspeed: bool = False,
-                      cwd: Path = REPO) -> subprocess.CompletedProcess:
+                      cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch` with real CPU processes (plain `--cpu` would start only one; see STACK.md)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -63,7 +63,8 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600, d
     environment.pop("ACCELERATE_USE_CPU", None) if deepspeed else None
     result = subprocess.run(command + args, cwd=cwd, env=environment,
                             capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    if check:
+        assert result.returncode == 0, f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
 
@@ -97,6 +98,34 @@ def diffmic_here(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProce
         sys.argv = previous_argv
         os.chdir(previous_cwd)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+class Payload:
+    """A pickle that runs a shell command when loaded with plain pickle (or weights_only=False)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def evil_pickle(marker: Path, size: int | None = None) -> bytes:
+    import pickle
+
+    data = pickle.dumps(Payload(marker))
+    return data + b" " * (size - len(data)) if size and size > len(data) else data  # same size: past the size check
+
+
+def evil_torch_file(marker: Path) -> bytes:
+    """A torch.save file, as DeepSpeed writes them, whose loading with weights_only=False touches `marker`."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"state": Payload(marker)}, buffer)
+    return buffer.getvalue()
 
 
 def model_weights(checkpoint: Path) -> dict:

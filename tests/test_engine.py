@@ -13,8 +13,8 @@ import pytest
 from diffmic.cli.train import resolve_inputs
 from diffmic.cli.common import UserError
 from diffmic import checkpoint as ckpt
-from engine_helpers import (REPO, TINY, accelerate_launch, diffmic, diffmic_here, finish, model_weights,
-                            shard_digits, start_training)
+from engine_helpers import (REPO, TINY, accelerate_launch, diffmic, diffmic_here, evil_torch_file, finish,
+                            model_weights, shard_digits, start_training)
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 pytestmark = pytest.mark.timeout(900)
@@ -28,10 +28,11 @@ def validation_rows(run_dir: Path) -> list[dict]:
     return [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "split" in row]
 
 
-def launch_worker(run_dir: Path, shards: Path, deepspeed: bool, *extra: str) -> str:
+def launch_worker(run_dir: Path, shards: Path, deepspeed: bool, *extra: str, check: bool = True) -> str:
     overrides = TINY + ["train.batch_size=16", *extra] + (["train.distributed=deepspeed"] if deepspeed else [])
     result = accelerate_launch([str(REPO / "tests" / "engine_worker.py"), CONFIG, str(shards), str(run_dir),
-                                *overrides], deepspeed=deepspeed)
+                                *overrides], deepspeed=deepspeed, check=check)
+    assert check or result.returncode != 0, "the launch succeeded"
     return result.stdout + result.stderr
 
 
@@ -76,6 +77,38 @@ def test_two_processes_resume_exactly_with_an_allowed_change(two_process_run, di
     assert "resumed from" in said and f"(step {before}, epoch" in said
     assert first["step"] == second["step"] == before + 2 and first["digest"] == second["digest"]
     assert json.loads((run_dir / "run.json").read_text())["sessions"][-1]["changes"] == {"train.max_steps": [3, 5]}
+
+
+# Files of a two-process checkpoint that the one-process planting tests (test_run_safety.py) never reach:
+# rank 1's generators, and DeepSpeed's engine files, which DeepSpeed itself loads (the model states every rank
+# reads, and rank 1's optimizer partition).
+RANK_FILES = {False: ["training/rng-1.safetensors"],
+              True: ["training/deepspeed/mp_rank_00_model_states.pt",
+                     "training/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"]}
+
+
+def test_a_pickle_planted_in_any_process_s_checkpoint_file_is_refused_naming_it(two_process_run, digits_shards,
+                                                                                tmp_path):
+    source, deepspeed = two_process_run
+    for name in RANK_FILES[deepspeed]:
+        run_dir, marker = tmp_path / Path(name).stem / "run", tmp_path / f"pwned-{Path(name).stem}"
+        shutil.copytree(source, run_dir)
+        sessions = json.loads((run_dir / "run.json").read_text())["sessions"]
+        last = ckpt.find_checkpoint(run_dir, "last")
+        path = last.file(name)
+        path.unlink()
+        path.write_bytes(evil_torch_file(marker))
+        # The planter rewrote the record's size too: only the weights-only loader stands in the way.
+        record = json.loads(last.file(ckpt.MARKER).read_text())
+        record["files"][name] = path.stat().st_size
+        last.file(ckpt.MARKER).write_text(json.dumps(record))
+        result = launch_worker(run_dir, digits_shards, deepspeed, "train.max_steps=5",
+                               "--allow-changes=train.max_steps", check=False)
+        said = " ".join(result.split())
+        assert f"refusing {path}" in said and "nothing in it was used" in said, result[-4000:]
+        assert not marker.exists(), "the planted file ran code"
+        assert json.loads((run_dir / "run.json").read_text())["sessions"] == sessions, "rank 0 went on writing"
+        assert rank_reports(run_dir) == rank_reports(source), "a process trained on"
 
 
 def logged_step(run_dir: Path) -> int:

@@ -10,7 +10,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from diffmic.data import read_manifest
+from data_fixtures import imagefolder_layout
+from diffmic.data import ShardOptions, read_manifest, shard_dataset
 from engine_helpers import REPO, accelerate_launch, diffmic, diffmic_here
 
 pytestmark = pytest.mark.timeout(900)
@@ -88,14 +89,22 @@ def test_predict_on_a_folder_of_five_images_gives_five_rows(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing run", "no checkpoint", "corrupt checkpoint", "unknown split",
-                                     "other classes", "unreadable image"])
+                                     "other classes", "another class count", "another image size",
+                                     "unreadable image", "zero steps", "zero samples", "unknown sampler",
+                                     "predict with zero steps"])
 def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, digits_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     args = ["eval", "--run", str(run), "--checkpoint", "last", "--out", str(tmp_path / "out"), "--no-progress"]
+    # eval cannot change the model: a mismatch names the shards to use, never a setting to set.
+    shards_advice = "evaluate it on the shards it was trained with"
     expected = {"missing run": "does not exist", "no checkpoint": "no complete checkpoint 'step-999'",
                 "corrupt checkpoint": "model.safetensors", "unknown split": "train, val, test",
-                "other classes": "classes", "unreadable image": "not a readable image"}[problem]
+                "other classes": "classes", "another class count": shards_advice,
+                "another image size": "holds 64px images", "unreadable image": "not a readable image",
+                "zero steps": "--steps must be in 1..", "zero samples": "--n-samples must be at least 1",
+                "unknown sampler": "--sampler must be one of respaced, truncated, ddim, not 'bogus'",
+                "predict with zero steps": "--steps must be in 1.."}[problem]
     if problem == "missing run":
         args[2] = str(tmp_path / "nowhere")
     elif problem == "no checkpoint":
@@ -105,20 +114,36 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
         (last / "model.safetensors").write_bytes(b"not a checkpoint")
     elif problem == "unknown split":
         args += ["--split", "holdout"]
-    elif problem == "other classes":
+    elif problem == "another class count":
+        imagefolder_layout(tmp_path / "three", per_class=4)
+        shard_dataset(ShardOptions(dataset="imagefolder", root=tmp_path / "three", out=tmp_path / "other", size=32,
+                                   val_fraction=0, workers=1))
+        args += ["--shards", str(tmp_path / "other")]
+    elif problem in ("other classes", "another image size"):
         other = tmp_path / "other"
         shutil.copytree(digits_shards, other)
         manifest = json.loads((other / "manifest.json").read_text())
-        manifest["classes"] = [f"c{i}" for i in range(10)]
+        if problem == "another image size":
+            manifest["image_size"] = 64
+        else:
+            manifest["classes"] = [f"c{i}" for i in range(10)]
         (other / "manifest.json").write_text(json.dumps(manifest))
         args += ["--shards", str(other)]
     elif problem == "unreadable image":
         (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
         args = ["predict", "--run", str(run), "--checkpoint", "last", "--out", str(tmp_path / "p.csv"),
                 str(tmp_path / "broken.png")]
+    elif problem == "predict with zero steps":
+        Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+        args = ["predict", "--run", str(run), "--checkpoint", "last", "--out", str(tmp_path / "p.csv"), "--steps", "0",
+                str(tmp_path / "image.png")]
+    else:  # the sampling options: 0 is refused, not read as "the config's value"
+        args += {"zero steps": ["--steps", "0"], "zero samples": ["--n-samples", "0"],
+                 "unknown sampler": ["--sampler", "bogus"]}[problem]
     result = diffmic_here(args)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "set data." not in result.stderr
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "p.csv").exists()
 
 

@@ -5,46 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from diffmic import checkpoint as ckpt
 from diffmic.engine.runlock import LOCK_FILE, RunLock
 from diffmic.errors import CheckpointError
-from engine_helpers import REPO, TINY, cpu_environment, diffmic_here, model_weights
+from engine_helpers import REPO, TINY, cpu_environment, diffmic_here, evil_pickle, evil_torch_file, model_weights
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 pytestmark = pytest.mark.timeout(900)
-
-
-class Payload:
-    """A pickle that runs a shell command when loaded with plain pickle (or weights_only=False)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def evil_pickle(marker: Path, size: int | None = None) -> bytes:
-    data = pickle.dumps(Payload(marker))
-    return data + b" " * (size - len(data)) if size and size > len(data) else data  # same size: past the size check
-
-
-def evil_torch_file(marker: Path) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"state": Payload(marker)}, buffer)
-    return buffer.getvalue()
 
 
 def plant(path: Path, data: bytes) -> None:
@@ -141,6 +116,15 @@ def test_a_checkpoint_of_diffmic_0_1_is_refused_naming_its_pickle(kind, half_run
     assert "diffmic 0.1" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["eval", "predict"])
+def test_a_pickle_in_place_of_best_json_is_refused_naming_it(kind, half_run, digits_shards, tmp_path):
+    """`--checkpoint best` reads checkpoints/best.json before any checkpoint folder."""
+    marker = tmp_path / "pwned"
+    plant(half_run / "checkpoints" / "best.json", evil_pickle(marker))
+    args = [("best" if arg == "step-13" else arg) for arg in command(kind, half_run, digits_shards, tmp_path)]
+    assert_refused(diffmic_here(args), "best.json", marker)
+
+
 def test_deepspeed_files_are_read_weights_only(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(evil_torch_file(marker))
@@ -219,16 +203,19 @@ def test_a_resume_logs_no_step_twice_and_averages_over_the_steps_it_summed(half_
 
 
 # --- one writer per run folder ----------------------------------------------------------------------
-def test_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(half_run, digits_shards):
+def test_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(half_run, digits_shards, tmp_path):
     holder = RunLock(half_run)
     holder.acquire()
     try:
         result = diffmic_here(train_args(half_run, digits_shards))
+        # Reading a run that trains is fine: predict (like eval) takes no lock.
+        predicted = diffmic_here(command("predict", half_run, digits_shards, tmp_path))
     finally:
         holder.release()
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is in use by another diffmic train (host" in result.stderr and f"pid {os.getpid()}" in result.stderr
     assert json.loads((half_run / "run.json").read_text())["sessions"][-1]["mode"] == "fresh"  # untouched
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
 
 
 def test_the_lock_is_released_when_training_fails(tmp_path, digits_shards):

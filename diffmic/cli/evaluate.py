@@ -47,12 +47,13 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
-    from ..evaluation.runner import evaluate_run, print_metrics
+    from ..evaluation.runner import eval_settings, evaluate_run, print_metrics
 
     if use_slurm or local:
         from ..checkpoint import find_checkpoint
 
-        find_checkpoint(run, checkpoint)  # a wrong run or checkpoint fails here, not in the queue
+        # A wrong run, checkpoint or sampling setting fails here, not in the queue.
+        eval_settings(find_checkpoint(run, checkpoint).config, steps, sampler, n_samples)
         options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
                                       qos, constraint, exclude, max_requeues, local)
         absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731

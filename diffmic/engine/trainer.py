@@ -184,6 +184,9 @@ class Trainer:
         global_batch = cfg.batch_size * self.world * cfg.grad_accum
         mixed_precision = training_precision(acc)
         precision = "fp32" if mixed_precision == "no" else mixed_precision
+        # Every rank has read its own checkpoint files (rng-<rank>, its DeepSpeed partition) before rank 0 writes:
+        # a file only rank 1 reads and refuses must not leave a session in run.json or cut metrics.jsonl.
+        acc.wait_for_everyone()
         if self.is_main:
             facts = {"world_size": self.world, "global_batch": global_batch, "batch_per_device": cfg.batch_size,
                      "grad_accum": cfg.grad_accum, "mixed_precision": mixed_precision,

@@ -22,7 +22,6 @@ from .. import checkpoint as ckpt
 from ..accelerator import make_accelerator
 from ..config import Config
 from ..data import eval_loader, read_manifest
-from ..data.loaders import check_compatible as check_shards
 from ..errors import CheckpointError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
@@ -43,17 +42,39 @@ class EvalResult:
 
 
 def eval_settings(config: Config, steps: int | None, sampler: str | None, n_samples: int | None) -> tuple[int, str, int]:
-    steps = steps or config.eval.steps
-    sampler = sampler or config.eval.sampler
-    n_samples = n_samples or config.eval.n_samples
+    """The sampling settings asked for, the config's where none was given (None only: a 0 the user typed is
+    an error to report, not a request for the default), checked before any image is read."""
+    from ..diffusion import SAMPLERS
+
+    steps = config.eval.steps if steps is None else steps
+    sampler = config.eval.sampler if sampler is None else sampler
+    n_samples = config.eval.n_samples if n_samples is None else n_samples
     if not 1 <= steps <= config.diffusion.timesteps:
-        raise CheckpointError(f"--steps must be in 1..{config.diffusion.timesteps} (the model's diffusion.timesteps)")
+        raise CheckpointError(f"--steps must be in 1..{config.diffusion.timesteps} (the model's diffusion.timesteps), "
+                              f"not {steps}")
+    if sampler not in SAMPLERS:
+        raise CheckpointError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    if n_samples < 1:
+        raise CheckpointError(f"--n-samples must be at least 1 (chains per image), not {n_samples}")
     return steps, sampler, n_samples
 
 
 def load_checkpoint_model(run_dir: Path, checkpoint: str, use_ema: bool):
     info = ckpt.find_checkpoint(run_dir, checkpoint)
     return info, ckpt.build_model_from_checkpoint(info, use_ema), info.config
+
+
+def check_shards_fit(manifest, info: ckpt.Checkpoint) -> None:
+    """Shards the checkpoint's model can read: its classes and image size. `eval` cannot change the model, so
+    the advice names shards, never a setting (the trainer's check would say `set data.num_classes=N`)."""
+    if list(manifest.classes) != info.classes:
+        raise CheckpointError(f"{manifest.folder} has classes {manifest.classes} but the checkpoint {info.path} was "
+                              f"trained on {info.classes}; evaluate it on the shards it was trained with")
+    size = info.config.data.image_size
+    if manifest.image_size != size:
+        raise CheckpointError(f"{manifest.folder} holds {manifest.image_size}px images but the checkpoint {info.path} "
+                              f"was trained on {size}px ones; evaluate it on the shards it was trained with, or "
+                              f"re-shard with --size {size}")
 
 
 def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: Path | None) -> Path:
@@ -73,10 +94,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
     shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
-    check_shards(manifest, config.data)
-    if list(manifest.classes) != info.classes:
-        raise CheckpointError(f"{shard_dir} has classes {manifest.classes} but the checkpoint {info.path} was "
-                              f"trained on {info.classes}; evaluate it on the shards it was trained with")
+    check_shards_fit(manifest, info)
     expected_keys = manifest.split_info(split).keys
     # Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice.
     accelerator = make_accelerator(config.train.mixed_precision)
