@@ -298,3 +298,28 @@ def test_eval_help_and_predict_import_no_training_code(tiny_run, tmp_path):
         loaded = imported_modules(args)
         assert "diffmic.cli" in loaded
         assert not [name for name in loaded if name.startswith(training)], args
+
+
+class _RunsCommand:
+    """A pickle that runs a shell command when loaded the ordinary way."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_diffmic_status_reads_a_jobs_result_files_without_running_them(tmp_path):
+    import pickle
+
+    from diffmic.launch.slurm import job_outcome
+
+    witness = tmp_path / "ran"
+    planted = {"success.pkl": ("success", _RunsCommand(f"touch {witness}")),
+               "error.pkl": ("error", "Traceback ..."), "bare.pkl": _RunsCommand(f"touch {witness}")}
+    for name, value in planted.items():
+        (tmp_path / name).write_bytes(pickle.dumps(value))
+    (tmp_path / "cut.pkl").write_bytes(pickle.dumps(("success", 1))[:5])
+    assert [job_outcome(tmp_path / name) for name in (*planted, "cut.pkl")] == ["success", "error", "error", "error"]
+    assert not witness.exists()

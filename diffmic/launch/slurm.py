@@ -216,15 +216,45 @@ def _local_state(record: dict) -> str:
     COMPLETED once every task left a successful result, FAILED on an error result or a dead job."""
     tasks = record["options"]["nodes"] * SlurmOptions(**record["options"]).tasks()
     results = sorted(Path(record["log_dir"]).glob("*_result.pkl"))
-    outcomes = []
-    for path in results:
-        with open(path, "rb") as handle:  # written by submitit inside our own job
-            outcomes.append(pickle.load(handle)[0])
+    outcomes = [job_outcome(path) for path in results]
     if any(outcome != "success" for outcome in outcomes):
         return "FAILED"
     if len(outcomes) >= tasks:
         return "COMPLETED"
     return "RUNNING" if _alive(record.get("pid", 0)) else "FAILED"
+
+
+class _Inert:
+    """What every object a result file names becomes: `status` needs only the outcome string, and a file in a
+    run folder (shared, copied off clusters) must never run code when it is read."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _OutcomeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        return _Inert
+
+    def persistent_load(self, pid):
+        return None
+
+
+def job_outcome(path: Path) -> str:
+    """'success' or 'error' from a task's submitit result file (a pickle of (outcome, value)), read without
+    building any object it names; anything unreadable counts as 'error'."""
+    try:
+        with open(path, "rb") as handle:
+            loaded = _OutcomeUnpickler(handle).load()
+    except Exception:  # a truncated or foreign file: the task did not leave a result we can trust
+        return "error"
+    return loaded[0] if isinstance(loaded, tuple) and loaded and isinstance(loaded[0], str) else "error"
 
 
 def _alive(pid: int) -> bool:
