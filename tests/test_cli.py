@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from engine_helpers import diffmic_here
 
-COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "status", "report", "sweep", "compare", "model-summary",
-            "configs", "weights"]  # --help order
+COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "import-reference", "status", "report", "sweep",
+            "compare", "model-summary", "configs", "weights"]  # --help order
 # The same thing has the same name everywhere.
 SHARED_OPTIONS = {
     "--run": ["eval", "predict", "status", "report"],

@@ -168,13 +168,9 @@ class CheckpointManager:
             if not self.is_main:
                 return
             self._check_space(needed)
-            ckpt.write_weights_checkpoint(self.run_dir, weights, self.config, self.classes, step=self.state.step,
-                                          ema_state=self.ema.shadow if self.ema is not None else None,
-                                          folder=final, provenance=self.provenance, selection=selection)
-            write_json(ckpt.checkpoint_root(self.run_dir) / ckpt.BEST_FILE, {"step": self.state.step, **selection})
-            for folder in ckpt.checkpoint_root(self.run_dir).glob("best-*"):
-                if folder != final:
-                    shutil.rmtree(folder, ignore_errors=True)
+            ckpt.write_best_checkpoint(self.run_dir, weights, self.config, self.classes, step=self.state.step,
+                                       selection=selection, ema_state=self.ema.shadow if self.ema is not None else None,
+                                       provenance=self.provenance)
 
         self._collectively(write, final, needed)
         self.best_written = final

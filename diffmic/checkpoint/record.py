@@ -314,15 +314,31 @@ def write_weights_files(folder: Path, model_state: dict, ema_state: dict | None,
 
 def write_weights_checkpoint(run_dir: str | Path, model_state: dict, config: Config, classes: list[str], *,
                              ema_state: dict | None = None, step: int = 0, folder: Path | None = None,
-                             **fields: Any) -> Checkpoint:
+                             same_as: Path | None = None, **fields: Any) -> Checkpoint:
     """A weights-only checkpoint (RUN/checkpoints/step-N/ unless `folder` is given): `eval` and `predict`
     read it, and `diffmic train --run-dir RUN` fine-tunes from it (its weights and EMA, a fresh optimiser).
     `model_state` is a DiffMIC state dict, `ema_state` the denoiser's EMA (names without `denoiser.`);
-    `fields` land in the record (e.g. `imported_from={...}`)."""
+    `fields` land in the record (e.g. `imported_from={...}`); `same_as` is a checkpoint folder of the very same
+    weights to hard-link to."""
     final = Path(folder) if folder is not None else step_folder(run_dir, step)
     partial = prepare_partial(final)
-    write_weights_files(partial, model_state, ema_state)
+    write_weights_files(partial, model_state, ema_state, same_as)
     return finalise(partial, final, new_record(WEIGHTS, step, config, classes, **fields))
+
+
+def write_best_checkpoint(run_dir: str | Path, model_state: dict, config: Config, classes: list[str], *, step: int,
+                          selection: dict, ema_state: dict | None = None, same_as: Path | None = None,
+                          **fields: Any) -> Checkpoint:
+    """RUN/checkpoints/best-N (weights only) recorded in best.json as the run's best, the previous best removed.
+    `selection` says how it was chosen ({"metric", "score", "split"}; score None when not known)."""
+    final = best_folder(run_dir, step)
+    checkpoint = write_weights_checkpoint(run_dir, model_state, config, classes, ema_state=ema_state, step=step,
+                                          folder=final, same_as=same_as, selection=selection, **fields)
+    write_json(checkpoint_root(run_dir) / BEST_FILE, {"step": step, **selection})
+    for folder in checkpoint_root(run_dir).glob("best-*"):
+        if folder != final:
+            shutil.rmtree(folder, ignore_errors=True)
+    return checkpoint
 
 
 def fp32_cpu(state: dict) -> dict:

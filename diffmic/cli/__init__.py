@@ -10,6 +10,7 @@ from .common import app, run_command
 from . import data as _data  # noqa: F401  (shard, verify, info)
 from . import train as _train  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401  (eval, predict)
+from . import reference as _reference  # noqa: F401  (import-reference: a model trained with the authors' code)
 from . import status as _status  # noqa: F401
 from . import report as _report  # noqa: F401  (curves.png)
 from . import sweep as _sweep  # noqa: F401  (sweep, compare)
@@ -37,6 +38,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
       diffmic shard --dataset ham10000          (reads data/ham10000, writes shards/ham10000)
       diffmic train --dataset ham10000          (configs/ham10000.yaml; writes runs/ham10000-<time>)
       diffmic eval --run runs/ham10000-<time>
+
+    A model trained with the authors' code becomes a run folder:
+      diffmic import-reference --ckpt ckpt_best.pth --aux-ckpt aux_ckpt_best.pth \
+          --config configs/reference/ham10000.yaml --out runs/authors-ham10000
 
     Configs and launch files ship with diffmic: `diffmic configs list` shows them.
 

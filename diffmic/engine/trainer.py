@@ -288,7 +288,8 @@ class Trainer:
                    f"raising train.epochs or train.max_steps with --allow-changes")
         best = best_record(self.run_dir) or {"step": -1, "score": -math.inf}
         return TrainResult(self.run_dir, position["step"], position["joint_step"], position["epoch"],
-                           "already finished", checkpoint.path, int(best["step"]), float(best["score"]))
+                           "already finished", checkpoint.path, int(best["step"]),
+                           math.nan if best.get("score") is None else float(best["score"]))  # None: imported
 
     def print(self, message: str) -> None:
         if self.is_main:
