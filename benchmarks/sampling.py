@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+from diffmic.evaluation.settings import resolve_eval_settings
 from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 4, "digits (64 px, C=10)": 64}
@@ -27,12 +28,14 @@ def measure(model, config, batch: int, steps: int, repeats: int, device, precisi
 def _measure(model, config, batch: int, steps: int, repeats: int, device) -> dict:
     images = torch.randn(batch, 3, config.data.image_size, config.data.image_size, device=device)
     timer = PartTimer({"encoder+dcg": model.guide, "encoder": model.denoiser.encoder})
-    model.predict(images, steps=min(steps, 5), sampler="respaced")  # warm-up
+    # The config's chains per image and their aggregation, at the steps measured.
+    warm_up, sampling = (resolve_eval_settings(config, n, "respaced").sampling for n in (min(steps, 5), steps))
+    model.predict(images, warm_up)
     timer.seconds = {k: 0.0 for k in timer.seconds}
     timer.calls = {k: 0 for k in timer.calls}
     with timed() as total:
         for _ in range(repeats):
-            model.predict(images, steps=steps, sampler="respaced", generator=None)
+            model.predict(images, sampling)
     timer.remove()
     encode = timer.seconds["encoder+dcg"] + timer.seconds["encoder"]
     return {"images_per_s": batch * repeats / total["seconds"], "encode_s": encode / repeats,

@@ -9,6 +9,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or belongs to another configuration."""
 
 
+class EvalSettingsError(ValueError):
+    """A sampling setting asked for on the command line (--steps, --sampler, --n-samples) is out of range."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file given to `diffmic predict` cannot be decoded."""
+
+
 class SlurmError(RuntimeError):
     """Slurm is missing, a job could not be submitted, or a submitted job failed."""
 

@@ -24,6 +24,7 @@ from diffmic.checkpoint.reference import convert_reference, load_reference_files
 from diffmic.config import load_config
 from diffmic.data import eval_loader, read_manifest
 from diffmic.evaluation.inference import predict_batches
+from diffmic.evaluation.settings import resolve_eval_settings
 from diffmic.models import build_model
 from engine_helpers import REPO, diffmic_here
 
@@ -188,8 +189,8 @@ def directly_loaded_model(authors_states, use_ema: bool, folder: Path):
 
 
 def direct_probabilities(model, config, batches) -> dict[str, np.ndarray]:
-    result = predict_batches(model, batches, torch.device("cpu"), config.train.seed, config.eval.steps,
-                             config.eval.sampler, config.eval.n_samples)
+    result = predict_batches(model, batches, torch.device("cpu"), config.train.seed,
+                             resolve_eval_settings(config).sampling)
     return dict(zip(result.keys, result.probs))
 
 

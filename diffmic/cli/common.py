@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..errors import (CheckpointError, DiskFullError, NonFiniteLossError, PretrainedWeightsError, RunLockError,
-                      SlurmError)
+from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, NonFiniteLossError, PretrainedWeightsError,
+                      RunLockError, SlurmError, UnreadableImageError)
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
@@ -28,7 +28,8 @@ class UserError(Exception):
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 SlurmError, NonFiniteLossError, RunLockError, DiskFullError)
+                                                 EvalSettingsError, UnreadableImageError, SlurmError,
+                                                 NonFiniteLossError, RunLockError, DiskFullError)
 
 
 def config_file(config: Path | str | None, dataset: str | None) -> Path:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from . import launch as slurm
 from .common import app, console
+from .launch import Launch, with_launch_options
+
+if TYPE_CHECKING:
+    from ..evaluation.settings import EvalSettings
 
 RUN_OPTION = typer.Option(..., "--run", help="Run folder made by `diffmic train`, e.g. runs/digits-20261125-101500.")
 CHECKPOINT_OPTION = typer.Option("best", "--checkpoint", help="best, last or step-N.")
@@ -20,7 +24,17 @@ SAMPLES_OPTION = typer.Option(None, "--n-samples", help="Chains per image, avera
 EMA_OPTION = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of the denoiser (default) or the raw ones.")
 
 
+def resolved_settings(run: Path, checkpoint: str, steps: int | None, sampler: str | None, n_samples: int | None,
+                      ema: bool) -> EvalSettings:
+    """The sampling settings of the command line on top of the checkpoint's own `eval` config."""
+    from ..checkpoint import find_checkpoint
+    from ..evaluation.settings import resolve_eval_settings
+
+    return resolve_eval_settings(find_checkpoint(run, checkpoint).config, steps, sampler, n_samples, ema)
+
+
 @app.command("eval")
+@with_launch_options
 def eval_command(
     run: Path = RUN_OPTION,
     checkpoint: str = CHECKPOINT_OPTION,
@@ -33,11 +47,8 @@ def eval_command(
                                                        "<sampler><steps>/."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
-    use_slurm: bool = slurm.SLURM, local: bool = slurm.LOCAL, gpus: int = slurm.GPUS, nodes: int = slurm.NODES,
-    tasks_per_node: int = slurm.TASKS, partition: str = slurm.PARTITION, time_limit: str = slurm.TIME,
-    cpus_per_task: int = slurm.CPUS, mem: int = slurm.MEM, account: str = slurm.ACCOUNT, qos: str = slurm.QOS,
-    constraint: str = slurm.CONSTRAINT, exclude: str = slurm.EXCLUDE, max_requeues: int = slurm.REQUEUES,
-    dry_run: bool = slurm.DRY_RUN, wait: bool = slurm.WAIT,
+    *,
+    launch: Launch,  # the Slurm panel's options, added by with_launch_options
 ) -> None:
     """Evaluate a checkpoint on a split: metrics.json, predictions.csv, confusion_matrix.png, trajectory.png.
 
@@ -47,23 +58,18 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
-    from ..evaluation.runner import eval_settings, evaluate_run, print_metrics
+    from ..evaluation.runner import evaluate_run, print_metrics
 
-    if use_slurm or local:
-        from ..checkpoint import find_checkpoint
-
-        # A wrong run, checkpoint or sampling setting fails here, not in the queue.
-        eval_settings(find_checkpoint(run, checkpoint).config, steps, sampler, n_samples)
-        options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
-                                      qos, constraint, exclude, max_requeues, local)
+    # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
+    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema)
+    if launch.job is not None:
         absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
-        arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "steps": steps,
-                     "sampler": sampler, "n_samples": n_samples, "use_ema": ema, "out_dir": absolute(out),
-                     "shards": absolute(shards)}
-        slurm.launch("eval", arguments, Path(run).resolve(), options, dry_run, wait)
+        arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
+                     "out_dir": absolute(out), "shards": absolute(shards)}
+        launch.submit("eval", arguments, Path(run).resolve())
         return
 
-    result = evaluate_run(run, checkpoint, split, steps, sampler, n_samples, ema, out, shards, progress)
+    result = evaluate_run(run, checkpoint, split, settings, out, shards, progress)
     if result.out_dir is not None:
         metrics = result.metrics
         print_metrics(metrics, f"{split} split, {checkpoint} checkpoint (step {metrics['checkpoint_step']})")
@@ -88,7 +94,8 @@ def predict_command(
     """
     from ..evaluation.runner import predict_files, write_rows_csv
 
-    rows, classes = predict_files(run, paths, checkpoint, steps, sampler, n_samples, ema)
+    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema)
+    rows, classes = predict_files(run, paths, checkpoint, settings)
     table = Table(title=f"{len(rows)} image(s), {checkpoint} checkpoint of {run}")
     table.add_column("file", overflow="fold")
     for column in ("predicted", "probability", "DCG", "uncertainty"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from . import launch as slurm
 from .common import SET_OPTION, UserError, app, config_file, console
+from .launch import Launch, with_launch_options
 
 SHARDS_ROOT = Path("shards")
 
@@ -38,6 +38,7 @@ def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None
 
 
 @app.command("train")
+@with_launch_options
 def train_command(
     config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML: a path, or a name in ./configs/ "
                                                             "or among the packaged configs. Default: "
@@ -53,11 +54,8 @@ def train_command(
                                                                   "own, comma-separated: train.lr,train.epochs "
                                                                   "(recorded in run.json)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
-    use_slurm: bool = slurm.SLURM, local: bool = slurm.LOCAL, gpus: int = slurm.GPUS, nodes: int = slurm.NODES,
-    tasks_per_node: int = slurm.TASKS, partition: str = slurm.PARTITION, time_limit: str = slurm.TIME,
-    cpus_per_task: int = slurm.CPUS, mem: int = slurm.MEM, account: str = slurm.ACCOUNT, qos: str = slurm.QOS,
-    constraint: str = slurm.CONSTRAINT, exclude: str = slurm.EXCLUDE, max_requeues: int = slurm.REQUEUES,
-    dry_run: bool = slurm.DRY_RUN, wait: bool = slurm.WAIT,
+    *,
+    launch: Launch,  # the Slurm panel's options, added by with_launch_options
 ) -> None:
     """Train DiffMIC (DCG warm-up, then DCG + denoiser jointly) on shards; resumes a run folder.
 
@@ -78,17 +76,15 @@ def train_command(
     shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
     allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
     facts = {"config_file": str(config_path.resolve())}
-    if use_slurm or local:
+    if launch.job is not None:
         read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
         if run_dir is None or not complete_checkpoints(run_dir):  # a resume starts from its checkpoint
             for request in fetch_all(cfg):  # missing starting weights fail here too: job nodes read this cache
                 console.print(request.describe(), highlight=False, soft_wrap=True)
-        options = slurm.slurm_options(gpus, nodes, tasks_per_node, partition, time_limit, cpus_per_task, mem, account,
-                                      qos, constraint, exclude, max_requeues, local)
         target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve()),
                      "allow_changes": allowed, "facts": facts}
-        slurm.launch("train", arguments, target, options, dry_run, wait)
+        launch.submit("train", arguments, target)
         return
     result = train(cfg, shard_dir, run_dir, progress=progress, facts=facts, allow_changes=allowed)
     summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"

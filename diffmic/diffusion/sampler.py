@@ -8,6 +8,7 @@ Python ints, so no step waits on the host.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,6 +19,17 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("respaced", "truncated", "ddim")
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one prediction is sampled, passed whole from the evaluator to `sample`. No defaults here: the
+    config's `eval` section owns them (diffmic.evaluation.settings resolves them against the command line)."""
+
+    sampler: str  # one of SAMPLERS
+    steps: int  # reverse steps of the chain
+    n_samples: int  # chains per image
+    aggregate: str  # how an image's chains combine: "mean" of their states or a majority "vote"
+
+
 def sampling_schedule(schedule: NoiseSchedule, sampler: str, steps: int) -> NoiseSchedule:
     if sampler in ("respaced", "ddim"):
         return schedule.respaced(steps)
@@ -26,16 +38,17 @@ def sampling_schedule(schedule: NoiseSchedule, sampler: str, steps: int) -> Nois
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
 
 
-def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, sampler: str = "respaced",
-           steps: int = 250, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, settings: SamplingSettings,
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            record_every: int = 0) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Runs one chain per row of `prior` (N, C) and returns y_0 (N, C) and, if `record_every` > 0,
-    the trajectory as (training timestep, y_t) pairs (y_T first, y_0 last, every k-th step between).
+    """Runs one chain per row of `prior` (N, C) with `settings.sampler` over `settings.steps` and returns y_0
+    (N, C) and, if `record_every` > 0, the trajectory as (training timestep, y_t) pairs (y_T first, y_0 last,
+    every k-th step between). The caller has already repeated each image's row once per chain.
 
     `noise`, when given, is (S + 1, N, C) standard normals: slot 0 starts the chain, slot i is used
     by the i-th reverse step. It lets a caller fix each sample's noise independently of batching.
     """
-    chain = sampling_schedule(schedule, sampler, steps)
+    chain = sampling_schedule(schedule, settings.sampler, settings.steps)
     length, (rows, classes) = len(chain), prior.shape
     if noise is not None and noise.shape != (length + 1, rows, classes):
         raise ValueError(f"noise must have shape {(length + 1, rows, classes)}, got {tuple(noise.shape)}")
@@ -50,7 +63,7 @@ def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, sampl
     abar_prev = chain.alphas_cumprod_prev.to(device, dtype)
     coefficients = {k: v.to(device, dtype) for k, v in chain.posterior_coefficients().items()}
     timesteps = chain.timesteps.to(device)
-    deterministic = sampler == "ddim"
+    deterministic = settings.sampler == "ddim"
 
     y = prior + draw(0)
     trajectory = [(int(chain.timesteps[-1]), y)] if record_every else []

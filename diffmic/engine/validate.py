@@ -12,6 +12,7 @@ from ..config import Config
 from ..data import eval_loader
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
 from ..evaluation.metrics import classification_metrics, selection_score
+from ..evaluation.settings import resolve_eval_settings
 from .distributed import forward_autocast
 
 
@@ -31,16 +32,16 @@ class Validator:
         self.accelerator, self.shard_dir, self.manifest, self.config = accelerator, shard_dir, manifest, config
         self.split = config.train.select_split
         self.metric = config.train.select_metric
+        self.settings = resolve_eval_settings(config)
 
     def __call__(self, module, ema, step: int, epoch: int) -> Validation:
-        acc, eval_cfg = self.accelerator, self.config.eval
-        loader = eval_loader(self.shard_dir, self.split, self.config.data, eval_cfg.batch_size,
+        acc, settings = self.accelerator, self.settings
+        loader = eval_loader(self.shard_dir, self.split, self.config.data, settings.batch_size,
                              acc.process_index, acc.num_processes)
-        weights = ema.swapped_into(module.denoiser) if (ema is not None and eval_cfg.use_ema) else nullcontext()
+        weights = ema.swapped_into(module.denoiser) if (ema is not None and settings.use_ema) else nullcontext()
         started = time.perf_counter()
         with weights:
-            local = predict_batches(module, loader, acc.device, self.config.train.seed, eval_cfg.steps,
-                                    eval_cfg.sampler, eval_cfg.n_samples, eval_cfg.aggregate,
+            local = predict_batches(module, loader, acc.device, self.config.train.seed, settings.sampling,
                                     autocast=forward_autocast(acc))
         predictions = gather_predictions(local, acc)
         # With data.fold, 'val' is that fold of the train split (Manifest.selection).

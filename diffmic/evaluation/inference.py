@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..diffusion.sampler import SamplingSettings
+
 
 @dataclass
 class SplitPredictions:
@@ -54,8 +56,8 @@ def per_sample_noise(keys: list[str], seed: int, slots: int, n_samples: int, cla
 
 
 @torch.no_grad()
-def predict_batches(model, batches, device, seed: int, steps: int, sampler: str, n_samples: int,
-                    aggregate: str = "mean", record_every: int = 0, autocast=None, on_batch=None) -> SplitPredictions:
+def predict_batches(model, batches, device, seed: int, sampling: SamplingSettings, record_every: int = 0,
+                    autocast=None, on_batch=None) -> SplitPredictions:
     """Runs `model.predict` over this process's batches (no collective inside)."""
     parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "guide_probs": [], "uncertainty": [],
                               "spread": []}
@@ -64,10 +66,10 @@ def predict_batches(model, batches, device, seed: int, steps: int, sampler: str,
         images = batch["image"].to(device, non_blocking=True)
         noise = None
         if model.denoiser is not None:
-            noise = per_sample_noise(batch["key"], seed, steps + 1, n_samples, model.num_classes).to(device)
+            noise = per_sample_noise(batch["key"], seed, sampling.steps + 1, sampling.n_samples,
+                                     model.num_classes).to(device)
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-            prediction = model.predict(images, steps=steps, sampler=sampler, n_samples=n_samples, noise=noise,
-                                       aggregate=aggregate, record_every=record_every)
+            prediction = model.predict(images, sampling, noise=noise, record_every=record_every)
         parts["keys"].extend(batch["key"])
         parts["labels"].append(batch["label"].numpy())
         parts["probs"].append(prediction.probs.float().cpu().numpy())

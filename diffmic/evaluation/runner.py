@@ -20,15 +20,15 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..accelerator import make_accelerator
-from ..config import Config
 from ..data import eval_loader, read_manifest
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnreadableImageError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import classification_metrics, metrics_table
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
+from .settings import EvalSettings, resolve_eval_settings
 
 TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -41,27 +41,11 @@ class EvalResult:
     predictions: SplitPredictions
 
 
-def eval_settings(config: Config, steps: int | None, sampler: str | None, n_samples: int | None) -> tuple[int, str, int]:
-    """The sampling settings asked for, the config's where none was given (None only: a 0 the user typed is
-    an error to report, not a request for the default), checked before any image is read."""
-    from ..diffusion import SAMPLERS
-
-    steps = config.eval.steps if steps is None else steps
-    sampler = config.eval.sampler if sampler is None else sampler
-    n_samples = config.eval.n_samples if n_samples is None else n_samples
-    if not 1 <= steps <= config.diffusion.timesteps:
-        raise CheckpointError(f"--steps must be in 1..{config.diffusion.timesteps} (the model's diffusion.timesteps), "
-                              f"not {steps}")
-    if sampler not in SAMPLERS:
-        raise CheckpointError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
-    if n_samples < 1:
-        raise CheckpointError(f"--n-samples must be at least 1 (chains per image), not {n_samples}")
-    return steps, sampler, n_samples
-
-
-def load_checkpoint_model(run_dir: Path, checkpoint: str, use_ema: bool):
+def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalSettings | None):
+    """The checkpoint, its model and the settings to sample it with (the run's own where none are given)."""
     info = ckpt.find_checkpoint(run_dir, checkpoint)
-    return info, ckpt.build_model_from_checkpoint(info, use_ema), info.config
+    settings = settings or resolve_eval_settings(info.config)
+    return info, ckpt.build_model_from_checkpoint(info, settings.use_ema), settings
 
 
 def check_shards_fit(manifest, info: ckpt.Checkpoint) -> None:
@@ -85,13 +69,13 @@ def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: Path | None) -> Path
     raise CheckpointError(f"the checkpoint of {run_dir} does not say which shards it used; pass --shards")
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test", steps: int | None = None,
-                 sampler: str | None = None, n_samples: int | None = None, use_ema: bool = True,
-                 out_dir: str | Path | None = None, shards: str | Path | None = None,
-                 progress: bool = True) -> EvalResult:
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test",
+                 settings: EvalSettings | None = None, out_dir: str | Path | None = None,
+                 shards: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """`settings` from `resolve_eval_settings` on the checkpoint's config; None: that config's own."""
     run_dir = Path(run_dir)
-    info, model, config = load_checkpoint_model(run_dir, checkpoint, use_ema)
-    steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
+    info, model, settings = load_checkpoint_model(run_dir, checkpoint, settings)
+    config, sampling = info.config, settings.sampling
     shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
     check_shards_fit(manifest, info)
@@ -101,23 +85,23 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     try:
         model.to(accelerator.device)
         model.check_values = accelerator.device.type == "cpu"
-        loader = eval_loader(shard_dir, split, config.data, config.eval.batch_size, accelerator.process_index,
+        loader = eval_loader(shard_dir, split, config.data, settings.batch_size, accelerator.process_index,
                              accelerator.num_processes)
-        record_every = max(1, steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
+        record_every = max(1, sampling.steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
         started = time.perf_counter()
         # Only this process's share is counted: the bar tracks rank 0's part of the split.
         with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
-            local = predict_batches(model, loader, accelerator.device, config.train.seed, steps, sampler, n_samples,
-                                    config.eval.aggregate, record_every, accelerator.autocast, on_batch=bar.advance)
+            local = predict_batches(model, loader, accelerator.device, config.train.seed, sampling, record_every,
+                                    accelerator.autocast, on_batch=bar.advance)
         predictions = gather_predictions(local, accelerator)
         seconds = time.perf_counter() - started
         check_keys(predictions, expected_keys, split)
         predictions = predictions.reordered(expected_keys)
-        metrics = _report(predictions, manifest.classes, info, manifest, split, sampler, steps, n_samples,
-                          use_ema and info.has_ema, seconds)
+        metrics = _report(predictions, manifest.classes, info, manifest, split, settings, seconds)
         out = None
         if accelerator.is_main_process:
-            out = Path(out_dir) if out_dir else run_dir / "eval" / f"{split}-{checkpoint}-{sampler}{steps}"
+            named = f"{split}-{checkpoint}-{sampling.sampler}{sampling.steps}"
+            out = Path(out_dir) if out_dir else run_dir / "eval" / named
             write_outputs(out, predictions, metrics, manifest.classes)
         accelerator.wait_for_everyone()
         return EvalResult(out, metrics, predictions)
@@ -125,12 +109,13 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
         accelerator.end_training()
 
 
-def _report(predictions, classes, info, manifest, split, sampler, steps, n_samples, ema, seconds) -> dict:
+def _report(predictions, classes, info, manifest, split, settings: EvalSettings, seconds) -> dict:
     metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
     guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
     metrics.update({
-        "dcg_accuracy": guide["accuracy"], "dcg_macro_f1": guide["macro_f1"], "split": split, "sampler": sampler,
-        "steps": steps, "n_samples": n_samples, "ema": ema, "seconds": seconds,
+        "dcg_accuracy": guide["accuracy"], "dcg_macro_f1": guide["macro_f1"], "split": split,
+        "sampler": settings.sampling.sampler, "steps": settings.sampling.steps,
+        "n_samples": settings.sampling.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
     })
@@ -215,18 +200,17 @@ def load_images(files: list[Path], transform) -> torch.Tensor:
                 image.load()
                 tensors.append(transform(image))
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise CheckpointError(f"{path} is not a readable image ({error}); remove it or convert it") from None
+            raise UnreadableImageError(f"{path} is not a readable image ({error}); remove it or convert it") from None
     return torch.stack(tensors)
 
 
-def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "best", steps: int | None = None,
-                  sampler: str | None = None, n_samples: int | None = None, use_ema: bool = True,
-                  batch_size: int = 32) -> tuple[list[dict], list[str]]:
+def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "best",
+                  settings: EvalSettings | None = None, batch_size: int = 32) -> tuple[list[dict], list[str]]:
     """Rows of (file, predicted class, probabilities, uncertainty) for loose image files."""
     from ..data import eval_transform
 
-    info, model, config = load_checkpoint_model(Path(run_dir), checkpoint, use_ema)
-    steps, sampler, n_samples = eval_settings(config, steps, sampler, n_samples)
+    info, model, settings = load_checkpoint_model(Path(run_dir), checkpoint, settings)
+    config = info.config
     files = image_files(paths)
     transform = eval_transform(config.data)
     classes = info.classes
@@ -235,8 +219,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         chunk = files[start:start + batch_size]
         batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
                  "key": [str(path) for path in chunk]}
-        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, steps, sampler, n_samples,
-                                 config.eval.aggregate)
+        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, settings.sampling)
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},

@@ -15,11 +15,12 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SlurmError
 from ..fileio import write_json_atomic
+from . import flag
 
 # RUN/slurm_train.json and RUN/slurm_eval.json record the submitted jobs for `diffmic status`.
 JOB_FILE = "slurm_{kind}.json"
@@ -28,21 +29,28 @@ UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RE
 FINISHED_OK = {"COMPLETED", "DONE"}
 
 
+# Preemption sends SIGUSR2 this long before the kill: time to finish the step, save and requeue.
+SIGNAL_DELAY_S = 120
+
+
 @dataclass
 class SlurmOptions:
-    gpus: int = 8  # per node; one task per GPU
-    nodes: int = 1
-    tasks_per_node: int = 0  # CPU jobs (gpus = 0): number of processes per node
-    partition: str = ""
-    time: str = "24:00:00"
-    cpus_per_task: int = 0  # 0: 8 per GPU task, 1 per CPU task
-    mem_gb: int = 0  # 0: the partition's default
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    exclude: str = ""
-    max_requeues: int = 3
-    local: bool = False  # submitit's local executor instead of Slurm (no cluster needed)
+    """The resources of one Slurm (or submitit-local) job; every field is a flag of `diffmic train` and `eval`,
+    in this order in their help, and checked here alone."""
+
+    local: bool = flag(False, "--local", "Run the Slurm job's tasks here with submitit's local executor.")
+    gpus: int = flag(8, "--gpus", "GPUs per node, one task each; 0 for CPU tasks.")
+    nodes: int = flag(1, "--nodes", "Nodes.")
+    tasks_per_node: int = flag(0, "--tasks-per-node", "Processes per node when --gpus 0.")
+    partition: str = flag("", "--partition", "Slurm partition (default: the cluster's).")
+    time: str = flag("24:00:00", "--time", "Time limit, [D-]HH:MM:SS.")
+    cpus_per_task: int = flag(0, "--cpus-per-task", "CPUs per task (default 8 per GPU task, 1 per CPU task).")
+    mem_gb: int = flag(0, "--mem", "Memory per node in GB (default: the partition's).")
+    account: str = flag("", "--account", "Slurm account.")
+    qos: str = flag("", "--qos", "Quality of service.")
+    constraint: str = flag("", "--constraint", "Node features, e.g. a100.")
+    exclude: str = flag("", "--exclude", "Nodes to avoid.")
+    max_requeues: int = flag(3, "--max-requeues", "Requeues after preemption or time-out before giving up.")
 
     def __post_init__(self):
         if not re.fullmatch(r"\d+(-\d+(:\d+){0,2}|(:\d+){0,2})", self.time):
@@ -50,9 +58,11 @@ class SlurmOptions:
                              f"(e.g. --time 24:00:00)")
         if self.gpus < 0 or self.nodes < 1 or self.tasks_per_node < 0 or self.max_requeues < 0:
             raise SlurmError("--gpus, --tasks-per-node and --max-requeues must be >= 0 and --nodes >= 1")
+        if self.gpus == 0 and self.tasks_per_node == 0:
+            raise SlurmError("--gpus 0 runs CPU tasks: say how many with --tasks-per-node N")
 
     def tasks(self) -> int:
-        return self.gpus if self.gpus > 0 else max(self.tasks_per_node, 1)
+        return self.gpus if self.gpus > 0 else self.tasks_per_node
 
     def minutes(self) -> int:
         """Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (seconds round up)."""
@@ -132,47 +142,48 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
+def job_parameters(options: SlurmOptions, job_name: str) -> dict:
+    """The one mapping from the flags to the job's resources, in submitit's AutoExecutor names (generic ones, then
+    `slurm_` ones that only a Slurm cluster reads): the executor takes them, and the --dry-run script is rendered
+    from them."""
+    parameters = {"nodes": options.nodes, "tasks_per_node": options.tasks(), "timeout_min": options.minutes(),
+                  "cpus_per_task": options.cpus_per_task or (8 if options.gpus else 1), "name": job_name}
+    if options.gpus:
+        parameters["gpus_per_node"] = options.gpus
+    if options.mem_gb:
+        parameters["mem_gb"] = options.mem_gb
+    if not options.local:
+        cluster = {"partition": options.partition, "account": options.account, "qos": options.qos,
+                   "constraint": options.constraint, "exclude": options.exclude, "signal_delay_s": SIGNAL_DELAY_S}
+        parameters.update({f"slurm_{key}": value for key, value in cluster.items() if value})
+    return parameters
+
+
 def make_executor(options: SlurmOptions, log_dir: Path, job_name: str):
     import submitit
 
     if not options.local and not slurm_available():
         raise SlurmError("--slurm needs Slurm, but `sbatch` is not on this machine's PATH; run on a login node "
                          "of your cluster, or use --local to run the same job here through submitit")
-    # Preemption sends SIGUSR2 ahead of the kill; submitit requeues within --max-requeues timeouts.
+    # submitit requeues on preemption and within --max-requeues time-outs.
     executor = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster="local" if options.local else "slurm",
                                      slurm_max_num_timeout=options.max_requeues)
-    tasks = options.tasks()
-    cpus = options.cpus_per_task or (8 if options.gpus else 1)
-    parameters = {"nodes": options.nodes, "tasks_per_node": tasks, "cpus_per_task": cpus,
-                  "timeout_min": options.minutes(), "name": job_name}
-    if options.gpus:
-        parameters["gpus_per_node"] = options.gpus
-    if options.mem_gb:
-        parameters["mem_gb"] = options.mem_gb
-    if not options.local:
-        extra = {"partition": options.partition, "account": options.account, "qos": options.qos,
-                 "constraint": options.constraint, "exclude": options.exclude}
-        parameters.update({f"slurm_{key}": value for key, value in extra.items() if value})
-        parameters["slurm_signal_delay_s"] = 120
-    executor.update_parameters(**parameters)
+    executor.update_parameters(**job_parameters(options, job_name))
     return executor
 
 
 def sbatch_script(options: SlurmOptions, log_dir: Path, job_name: str) -> str:
-    """The sbatch script of the job (for --dry-run), rendered by submitit's own template; nothing is
+    """The sbatch script of the job (for --dry-run), rendered by submitit's own template from the parameters
+    `make_executor` passes, renamed to sbatch's names as submitit's Slurm executor renames them; nothing is
     submitted and Slurm need not be installed."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
-    parameters = {"nodes": options.nodes, "ntasks_per_node": options.tasks(),
-                  "cpus_per_task": options.cpus_per_task or (8 if options.gpus else 1),
-                  "time": options.minutes(), "job_name": job_name, "signal_delay_s": 120}
-    if options.gpus:
-        parameters["gpus_per_node"] = options.gpus
-    if options.mem_gb:
-        parameters["mem"] = f"{options.mem_gb}GB"
-    for key in ("partition", "account", "qos", "constraint", "exclude"):
-        if getattr(options, key):
-            parameters[key] = getattr(options, key)
+    sbatch_names = SlurmExecutor._equivalence_dict()
+    # The script Slurm would run, also for --local (whose job has no script of its own).
+    parameters = {key.removeprefix("slurm_") if key.startswith("slurm_") else sbatch_names[key]: value
+                  for key, value in job_parameters(replace(options, local=False), job_name).items()}
+    if "mem" in parameters:
+        parameters["mem"] = _convert_mem(parameters["mem"])
     folder = str(log_dir / "%j")
     return _make_sbatch_string(command=f"python -u -m submitit.core._submit {folder}", folder=folder, **parameters)
 

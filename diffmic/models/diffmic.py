@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
+from ..diffusion import NoiseSchedule, SamplingSettings, antithetic_timesteps, mmd, sample
 from .backbones import PlainClassifier
 from .dcg import DCG, GuidanceLogits
 from .denoiser import Denoiser
@@ -71,7 +71,6 @@ class DiffMIC(nn.Module):
         self.fused_prior = diffusion.fused_prior
         self.timesteps = diffusion.timesteps
         self.noise_draws = diffusion.noise_draws
-        self.eval_defaults = config.eval
         # Value checks (label range, finiteness) read tensors back to the host; the engine may turn
         # them off on accelerators and check the batch in the data pipeline instead.
         self.check_values = True
@@ -170,20 +169,13 @@ class DiffMIC(nn.Module):
 
     # --- inference --------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, steps: int | None = None, sampler: str | None = None,
-                n_samples: int | None = None, generator: torch.Generator | None = None,
-                noise: torch.Tensor | None = None, aggregate: str | None = None,
-                record_every: int = 0) -> Prediction:
+    def predict(self, images: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None, record_every: int = 0) -> Prediction:
         """Class probabilities for a batch of images (in eval mode; the previous mode is restored).
 
         `noise` (S + 1, B * n_samples, C), rows ordered image-major, fixes every chain's noise; else
-        `generator` (or the global RNG) draws it. Defaults come from the config's `eval` section.
+        `generator` (or the global RNG) draws it. The caller resolves `sampling` (diffmic.evaluation.settings).
         """
-        defaults = self.eval_defaults
-        steps = steps or defaults.steps
-        sampler = sampler or defaults.sampler
-        n_samples = n_samples or defaults.n_samples
-        aggregate = aggregate or defaults.aggregate
         check_batch(images, None, self.num_classes, self.image_size, self.check_values)
         was_training = self.training
         self.eval()
@@ -194,23 +186,22 @@ class DiffMIC(nn.Module):
             if self.denoiser is None:
                 label = guide_probs.argmax(dim=-1)
                 return Prediction(guide_probs, label, guide_probs, label)
-            return self._diffuse(images, priors["fused"], guide_probs, steps, sampler, n_samples,
-                                 generator, noise, aggregate, record_every)
+            return self._diffuse(images, priors["fused"], guide_probs, sampling, generator, noise, record_every)
         finally:
             self.train(was_training)
 
-    def _diffuse(self, images, prior, guide_probs, steps, sampler, n_samples, generator, noise,
-                 aggregate, record_every) -> Prediction:
-        batch = images.shape[0]
+    def _diffuse(self, images, prior, guide_probs, sampling: SamplingSettings, generator, noise,
+                 record_every) -> Prediction:
+        batch, n_samples = images.shape[0], sampling.n_samples
         features = self.denoiser.encode(images).repeat_interleave(n_samples, dim=0)
         prior_rows = prior.repeat_interleave(n_samples, dim=0)
 
         def denoise(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(features, y_t, prior_rows, t).float()
 
-        y0, trajectory = sample(denoise, prior_rows, self.schedule, sampler, steps, noise, generator, record_every)
+        y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling, noise, generator, record_every)
         y0 = y0.view(batch, n_samples, self.num_classes)
-        if aggregate == "vote":
+        if sampling.aggregate == "vote":
             probs = F.one_hot(y0.argmax(dim=-1), self.num_classes).float().mean(dim=1)
         else:
             probs = chain_probabilities(y0.mean(dim=1))
