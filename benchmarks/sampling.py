@@ -27,7 +27,7 @@ def measure(model, config, batch: int, steps: int, repeats: int, device, precisi
 
 def _measure(model, config, batch: int, steps: int, repeats: int, device) -> dict:
     images = torch.randn(batch, 3, config.data.image_size, config.data.image_size, device=device)
-    timer = PartTimer({"encoder+dcg": model.guide, "encoder": model.denoiser.encoder})
+    timer = PartTimer({"encoder+dcg": model.dcg, "encoder": model.denoiser.encoder})
     # The config's chains per image and their aggregation, at the steps measured.
     warm_up, sampling = (resolve_eval_settings(config, n, "respaced").sampling for n in (min(steps, 5), steps))
     model.predict(images, warm_up)
@@ -40,12 +40,12 @@ def _measure(model, config, batch: int, steps: int, repeats: int, device) -> dic
     encode = timer.seconds["encoder+dcg"] + timer.seconds["encoder"]
     return {"images_per_s": batch * repeats / total["seconds"], "encode_s": encode / repeats,
             "reverse_s": (total["seconds"] - encode) / repeats, "encoder_calls": timer.calls["encoder"] / repeats,
-            "guide_calls": timer.calls["encoder+dcg"] / repeats}
+            "dcg_calls": timer.calls["encoder+dcg"] / repeats}
 
 
 def report(name: str, batch: int, steps: int, r: dict) -> None:
     print(f"{name:30s} batch {batch:3d} steps {steps:5d}: {r['images_per_s']:8.2f} images/s  "
-          f"encoder+DCG {r['encode_s']:.3f} s ({r['encoder_calls']:.0f} encoder, {r['guide_calls']:.0f} DCG "
+          f"encoder+DCG {r['encode_s']:.3f} s ({r['encoder_calls']:.0f} encoder, {r['dcg_calls']:.0f} DCG "
           f"call per batch)  reverse steps {r['reverse_s']:.3f} s ({1000 * r['reverse_s'] / steps:.2f} ms/step)",
           flush=True)
 

@@ -88,7 +88,7 @@ def main() -> None:
         size, batch_size = config.data.image_size, batch_for(name, BATCH, args)
         batch = {"image": torch.randn(batch_size, 3, size, size, device=device),
                  "label": torch.randint(0, config.data.num_classes, (batch_size,), device=device)}
-        counter = PartTimer({"encoder": model.denoiser.encoder, "guide": model.guide})
+        counter = PartTimer({"encoder": model.denoiser.encoder, "dcg": model.dcg})
         step = seconds(lambda: one_step(model, optimizer, ema, batch, autocast(args, device)), args.repeats)
         calls = {k: v / (args.repeats + 1) for k, v in counter.calls.items()}
         counter.remove()
@@ -96,7 +96,7 @@ def main() -> None:
         total = sum(shares.values())
         split = ", ".join(f"{part} {100 * s / total:.0f}%" for part, s in shares.items())
         print(f"{name:30s} batch {batch_size}: {batch_size / step:7.2f} images/s ({step:.2f} s/step); {split}; "
-              f"per step: image encoder x{calls['encoder']:.0f}, DCG x{calls['guide']:.0f} "
+              f"per step: image encoder x{calls['encoder']:.0f}, DCG x{calls['dcg']:.0f} "
               f"(frozen priors + CE update)", flush=True)
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .diffusion.sampler import SAMPLERS
+
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
 CELL_SIZE = 32
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
@@ -305,7 +307,7 @@ def parse_interval(value: int | str, key: str = "checkpoint_every") -> tuple[int
 
 @dataclass
 class EvalConfig(Section):
-    sampler: Literal["respaced", "truncated", "ddim"] = "respaced"
+    sampler: Literal[SAMPLERS] = "respaced"  # the names diffmic.diffusion.sampler implements
     steps: int = 250
     n_samples: int = 1
     aggregate: Literal["mean", "vote"] = "mean"  # how several chains per image combine

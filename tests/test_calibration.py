@@ -78,11 +78,11 @@ def test_uncertainty_auroc_is_undefined_without_wrong_predictions():
 
 
 def test_trust_metrics_cover_the_diffusion_and_the_dcg():
-    guide = [[.6, .4], [.45, .55], [.4, .6], [.3, .7], [.2, .8]]
-    without_chains = trust_metrics(LABELS, PROBS, guide, None)
+    dcg = [[.6, .4], [.45, .55], [.4, .6], [.3, .7], [.2, .8]]
+    without_chains = trust_metrics(LABELS, PROBS, dcg, None)
     assert set(without_chains) == {"ece", "brier", "nll", "dcg_ece", "dcg_brier", "dcg_nll"}
-    assert without_chains["dcg_brier"] == pytest.approx(calibration_metrics(LABELS, guide)["brier"])
-    with_chains = trust_metrics(LABELS, PROBS, guide, UNCERTAINTY)
+    assert without_chains["dcg_brier"] == pytest.approx(calibration_metrics(LABELS, dcg)["brier"])
+    with_chains = trust_metrics(LABELS, PROBS, dcg, UNCERTAINTY)
     assert with_chains["uncertainty_auroc"] == pytest.approx(5.5 / 6)
     assert set(with_chains["dcg_selective_accuracy"]) == {"100%", "90%", "80%", "70%"}
     # The DCG is right on every image, so its uncertainty cannot separate wrong from right.
@@ -107,17 +107,17 @@ def test_reliability_and_selective_figures_are_pngs(tmp_path):
         assert kind == "PNG" and min(size) > 300
 
 
-ROWS = [{"step": 2, "epoch": 0, "phase": "dcg_warmup", "loss": 2.0, "guide_loss": 2.0, "lr_denoiser": 0.0,
-         "lr_guide": 2e-4, "images_per_s": 50.0},
-        {"step": 4, "epoch": 1, "phase": "joint", "loss": 1.5, "mse": 0.9, "mmd": 0.01, "guide_loss": 0.59,
-         "lr_denoiser": 1e-4, "lr_guide": 2e-4, "images_per_s": 40.0},
+ROWS = [{"step": 2, "epoch": 0, "phase": "dcg_warmup", "loss": 2.0, "dcg_loss": 2.0, "lr_denoiser": 0.0,
+         "lr_dcg": 2e-4, "images_per_s": 50.0},
+        {"step": 4, "epoch": 1, "phase": "joint", "loss": 1.5, "mse": 0.9, "mmd": 0.01, "dcg_loss": 0.59,
+         "lr_denoiser": 1e-4, "lr_dcg": 2e-4, "images_per_s": 40.0},
         {"step": 4, "epoch": 1, "split": "val", "val/accuracy": 0.5, "val/macro_f1": 0.4, "val/dcg_accuracy": 0.6,
          "best": True},
-        {"step": 6, "epoch": 1, "phase": "joint", "loss": 1.2, "mse": 0.7, "mmd": 0.01, "guide_loss": 0.49,
-         "lr_denoiser": 2e-4, "lr_guide": 2e-4, "images_per_s": 41.0},
+        {"step": 6, "epoch": 1, "phase": "joint", "loss": 1.2, "mse": 0.7, "mmd": 0.01, "dcg_loss": 0.49,
+         "lr_denoiser": 2e-4, "lr_dcg": 2e-4, "images_per_s": 41.0},
         # The same step logged again after a resume: the later row counts.
-        {"step": 6, "epoch": 1, "phase": "joint", "loss": 1.1, "mse": 0.6, "mmd": 0.01, "guide_loss": 0.49,
-         "lr_denoiser": 2e-4, "lr_guide": 2e-4, "images_per_s": 42.0}]
+        {"step": 6, "epoch": 1, "phase": "joint", "loss": 1.1, "mse": 0.6, "mmd": 0.01, "dcg_loss": 0.49,
+         "lr_denoiser": 2e-4, "lr_dcg": 2e-4, "images_per_s": 42.0}]
 
 
 def test_training_curves_keep_one_row_per_step_and_find_the_warmup(tmp_path):

@@ -139,14 +139,14 @@ def imported(authors_states, small_shards, tmp_path_factory) -> Path:
 def test_every_weight_lands_where_it_belongs(imported, authors_states):
     weights = load_weights(find_checkpoint(imported, "last"), use_ema=False)
     denoiser, dcg = authors_states["denoiser"], authors_states["dcg"]
-    same = {"guide.global_trunk.stem.0.weight": dcg["ds_net.f.0.weight"],
-            "guide.global_trunk.stem.1.running_var": dcg["ds_net.f.1.running_var"],
-            "guide.global_trunk.layers.3.1.bn2.running_mean": dcg["ds_net.f.7.1.bn2.running_mean"],
-            "guide.local_trunk.layers.0.0.conv1.weight": dcg["dn_resnet.f.4.0.conv1.weight"],
-            "guide.saliency_head.weight": dcg["left_postprocess_net.gn_conv_last.weight"],
-            "guide.mil.gate.weight": dcg["mil_attn_U.weight"], "guide.mil.value.weight": dcg["mil_attn_V.weight"],
-            "guide.mil.score.weight": dcg["mil_attn_w.weight"],
-            "guide.mil.classifier.weight": dcg["classifier_linear.weight"],
+    same = {"dcg.global_trunk.stem.0.weight": dcg["ds_net.f.0.weight"],
+            "dcg.global_trunk.stem.1.running_var": dcg["ds_net.f.1.running_var"],
+            "dcg.global_trunk.layers.3.1.bn2.running_mean": dcg["ds_net.f.7.1.bn2.running_mean"],
+            "dcg.local_trunk.layers.0.0.conv1.weight": dcg["dn_resnet.f.4.0.conv1.weight"],
+            "dcg.saliency_head.weight": dcg["left_postprocess_net.gn_conv_last.weight"],
+            "dcg.mil.gate.weight": dcg["mil_attn_U.weight"], "dcg.mil.value.weight": dcg["mil_attn_V.weight"],
+            "dcg.mil.score.weight": dcg["mil_attn_w.weight"],
+            "dcg.mil.classifier.weight": dcg["classifier_linear.weight"],
             "denoiser.encoder.trunk.layers.2.0.downsample.1.running_var": denoiser["encoder_x.f.6.0.downsample.1.running_var"],
             "denoiser.encoder.project.bias": denoiser["encoder_x.g.bias"],
             "denoiser.encoder.norm.running_mean": denoiser["norm.running_mean"],

@@ -113,39 +113,52 @@ def test_every_variant_trains_and_predicts(variant):
     assert torch.isfinite(losses["loss"])
     assert ("mmd" in losses) == (variant == "full") and ("mse" in losses) == (variant != "basic")
     losses["loss"].backward()
-    assert all(p.grad is not None for p in model.guide.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in model.dcg.parameters() if p.requires_grad)
     prediction = model.predict(batch["image"], SamplingSettings("respaced", steps=5, n_samples=2, aggregate="mean"))
     assert prediction.probs.shape == (4, 3) and prediction.label.shape == (4,)
     torch.testing.assert_close(prediction.probs.sum(dim=1), torch.ones(4))
-    assert prediction.guide_probs.shape == (4, 3)
+    assert prediction.dcg_probs.shape == (4, 3)
     assert (prediction.uncertainty is None) == (variant == "basic")
+
+
+def test_checkpoints_naming_the_guidance_network_guide_still_load():
+    """Weights saved before the guidance network was called `dcg` in code (as in configs and outputs)."""
+    torch.manual_seed(0)
+    saved = DiffMIC(small_config()).state_dict()
+    old = {name.replace("dcg.", "guide.", 1) if name.startswith("dcg.") else name: value
+           for name, value in saved.items()}
+    assert any(name.startswith("guide.") for name in old)
+    model = DiffMIC(small_config())
+    model.load_state_dict(old)  # strict: every key found under its new name
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name])
 
 
 def test_denoiser_loss_does_not_reach_the_guidance_model():
     model = DiffMIC(small_config())
     batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 1])}
-    model(batch, train_guide=False)["loss"].backward()
-    assert all(p.grad is None for p in model.guide.parameters())
+    model(batch, train_dcg=False)["loss"].backward()
+    assert all(p.grad is None for p in model.dcg.parameters())
     assert all(p.grad is not None for p in model.denoiser.parameters())
 
 
 def test_guidance_priors_come_from_eval_mode_and_restore_the_mode():
     model = DiffMIC(small_config()).train()
     modes = []
-    model.guide.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    model.dcg.register_forward_hook(lambda m, i, o: modes.append(m.training))
     model({"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 1])})
     assert modes == [False, True]  # frozen priors, then the cross-entropy pass
-    assert model.guide.training
+    assert model.dcg.training
 
 
 def test_predict_runs_the_encoder_and_guidance_once_per_batch_at_1000_steps():
     model = DiffMIC(small_config(eval={"steps": 1000}))
-    calls = {"encoder": 0, "guide": 0, "mlp": 0}
+    calls = {"encoder": 0, "dcg": 0, "mlp": 0}
     model.denoiser.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
-    model.guide.register_forward_hook(lambda *a: calls.__setitem__("guide", calls["guide"] + 1))
+    model.dcg.register_forward_hook(lambda *a: calls.__setitem__("dcg", calls["dcg"] + 1))
     model.denoiser.output.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
     model.predict(torch.randn(2, 3, 64, 64), SamplingSettings("respaced", steps=1000, n_samples=3, aggregate="mean"))
-    assert calls == {"encoder": 1, "guide": 1, "mlp": 1000}
+    assert calls == {"encoder": 1, "dcg": 1, "mlp": 1000}
 
 
 def test_predict_with_fixed_noise_is_reproducible_and_restores_train_mode():
@@ -175,7 +188,7 @@ def test_bad_batches_raise_value_errors_naming_the_expectation(images, labels, m
 
 def test_paper_config_parameter_counts_match_the_authors_model():
     model = DiffMIC(load_config("configs/ham10000.yaml"))
-    dcg = sum(p.numel() for p in model.guide.parameters())
+    dcg = sum(p.numel() for p in model.dcg.parameters())
     denoiser = sum(p.numel() for p in model.denoiser.parameters())
     assert dcg == pytest.approx(47.6e6, rel=0.01)
     assert denoiser == pytest.approx(108.5e6, rel=0.01)

@@ -277,7 +277,7 @@ def test_a_run_folder_holding_only_weights_is_fine_tuned(tiny_run, digits_shards
     tuned = ckpt.find_checkpoint(run, "last")
     assert tuned.step == 27 and tuned.has_training_state
     start, after = model_weights(source.path), model_weights(tuned.path)
-    dcg = [name for name in start if name.startswith("guide.") and "running_" not in name
+    dcg = [name for name in start if name.startswith("dcg.") and "running_" not in name
            and "num_batches" not in name]
     # One Adam step (lr 2e-4) away from the source weights, far from a fresh initialisation.
     assert max((after[n] - start[n]).abs().max().item() for n in dcg) < 1e-2

@@ -172,15 +172,15 @@ def shift_timestep_rows(embedding: torch.Tensor) -> torch.Tensor:
 
 def convert_reference(files: ReferenceFiles, expected: dict[str, torch.Size], ckpt_name: str = "--ckpt",
                       aux_name: str = "--aux-ckpt") -> ImportedWeights:
-    """Their denoiser, DCG and EMA -> a complete DiffMIC state dict (names `denoiser.*`, `guide.*`) and the
+    """Their denoiser, DCG and EMA -> a complete DiffMIC state dict (names `denoiser.*`, `dcg.*`) and the
     denoiser's EMA. `expected` is the DiffMIC model's {name: shape}; CheckpointError names every mismatch."""
     parts = {part: {name[len(part) + 1:]: shape for name, shape in expected.items() if name.startswith(part + ".")}
-             for part in ("denoiser", "guide")}
-    others = sorted(name for name in expected if not name.startswith(("denoiser.", "guide.")))
+             for part in ("denoiser", "dcg")}
+    others = sorted(name for name in expected if not name.startswith(("denoiser.", "dcg.")))
     denoiser, denoiser_mismatch = convert_part(files.denoiser, DENOISER_PREFIXES, parts["denoiser"],
                                                f"{ckpt_name} (denoiser)")
-    guide, guide_mismatch = convert_part(files.dcg, DCG_PREFIXES, parts["guide"], f"{aux_name} (DCG)")
-    problems = denoiser_mismatch.describe() + guide_mismatch.describe()
+    dcg, dcg_mismatch = convert_part(files.dcg, DCG_PREFIXES, parts["dcg"], f"{aux_name} (DCG)")
+    problems = denoiser_mismatch.describe() + dcg_mismatch.describe()
     if others:
         problems.append(f"the diffmic model also has {', '.join(others[:SHOWN])}, which the authors' files lack")
     ema, ema_problems = convert_ema(files.ema, denoiser, parts["denoiser"], ckpt_name)
@@ -190,7 +190,7 @@ def convert_reference(files: ReferenceFiles, expected: dict[str, torch.Size], ck
                               + ". Check model.dcg.backbone (resnet50), model.denoiser.encoder and feature_dim, "
                                 "data.num_classes and diffusion.timesteps against the authors' config")
     model = {f"denoiser.{name}": value for name, value in denoiser.items()}
-    model.update({f"guide.{name}": value for name, value in guide.items()})
+    model.update({f"dcg.{name}": value for name, value in dcg.items()})
     return ImportedWeights(model, ema)
 
 

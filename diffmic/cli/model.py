@@ -44,8 +44,8 @@ def parameter_breakdown(model) -> list[tuple[str, int]]:
     def count(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    rows = [(f"guidance ({type(model.guide).__name__})", count(model.guide))]
-    for name, child in model.guide.named_children():
+    rows = [(f"guidance ({type(model.dcg).__name__})", count(model.dcg))]
+    for name, child in model.dcg.named_children():
         rows.append((f"  {name}", count(child)))
     if model.denoiser is not None:
         rows.append(("denoiser", count(model.denoiser)))

@@ -1,8 +1,19 @@
-"""Pure diffusion maths: the noise schedule, the samplers and MMD. Imports no network and no engine."""
+"""Pure diffusion maths: the noise schedule, the samplers and MMD. Imports no network and no engine.
 
-from .mmd import mmd
-from .sampler import SAMPLERS, SamplingSettings, sample, sampling_schedule
-from .schedule import NoiseSchedule, antithetic_timesteps
+Names are imported on first use, so the config can read `sampler.SAMPLERS` without importing torch. (No
+submodule shares a name with what it exports: importing it would replace that name on this package.)
+"""
 
-__all__ = ["NoiseSchedule", "SAMPLERS", "SamplingSettings", "antithetic_timesteps", "mmd", "sample",
-           "sampling_schedule"]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {"mmd": "discrepancy", "SAMPLERS": "sampler", "SamplingSettings": "sampler", "sample": "sampler",
+          "sampling_schedule": "sampler", "NoiseSchedule": "schedule", "antithetic_timesteps": "schedule"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

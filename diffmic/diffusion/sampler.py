@@ -9,13 +9,14 @@ Python ints, so no step waits on the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported on first use: the config reads SAMPLERS without it
+    import torch
 
-from .schedule import NoiseSchedule
+    from .schedule import NoiseSchedule
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoise = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 SAMPLERS = ("respaced", "truncated", "ddim")
 
 
@@ -48,6 +49,8 @@ def sample(denoise: Denoise, prior: torch.Tensor, schedule: NoiseSchedule, setti
     `noise`, when given, is (S + 1, N, C) standard normals: slot 0 starts the chain, slot i is used
     by the i-th reverse step. It lets a caller fix each sample's noise independently of batching.
     """
+    import torch
+
     chain = sampling_schedule(schedule, settings.sampler, settings.steps)
     length, (rows, classes) = len(chain), prior.shape
     if noise is not None and noise.shape != (length + 1, rows, classes):

@@ -24,7 +24,7 @@ def build_optimizer(model, train: TrainConfig) -> torch.optim.Adam:
     groups = [
         {"name": "denoiser", "params": model.denoiser_parameters(), "lr": train.lr, "amsgrad": False,
          "max_norm": train.grad_clip},
-        {"name": "guide", "params": model.guide_parameters(), "lr": train.dcg_lr, "amsgrad": train.dcg_amsgrad,
+        {"name": "dcg", "params": model.dcg_parameters(), "lr": train.dcg_lr, "amsgrad": train.dcg_amsgrad,
          "max_norm": train.dcg_grad_clip},
     ]
     # The fused kernel (CPU and CUDA) is the same update in one pass over memory: 3x faster than the

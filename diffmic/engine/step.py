@@ -18,7 +18,7 @@ import torch
 from ..config import TrainConfig
 from .optim import clip_group_gradients, set_learning_rates
 
-LOSS_KEYS = ("loss", "denoiser_loss", "mse", "mmd", "guide_loss")
+LOSS_KEYS = ("loss", "denoiser_loss", "mse", "mmd", "dcg_loss")
 NEVER = float(2**62)  # "no non-finite loss yet", as a step number every process can take the minimum of
 
 

@@ -414,7 +414,7 @@ class Trainer:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         row = {"step": self.state.step, "joint_step": self.state.joint_step, "epoch": epoch,
                "phase": "joint" if joint else "dcg_warmup", **interval.means, "lr_denoiser": lrs[0],
-               "lr_guide": lrs[1], "images_per_s": interval.images_per_s}
+               "lr_dcg": lrs[1], "images_per_s": interval.images_per_s}
         self.log.write(row)
         bar.status(f"{row['phase']} loss {row['loss']:.4f} lr {lrs[0]:.2e}/{lrs[1]:.2e} "
                    f"{row['images_per_s']:.1f} img/s")

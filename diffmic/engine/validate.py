@@ -48,12 +48,12 @@ class Validator:
         check_keys(predictions, self.manifest.selection(self.split, self.config.data.fold).keys, self.split)
         classes = self.manifest.classes
         metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-        guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
+        dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
         score = selection_score(metrics, self.metric)
         split = self.split
         row = {"step": step, "epoch": epoch, "split": split, f"{split}/accuracy": metrics["accuracy"],
                f"{split}/macro_f1": metrics["macro_f1"], f"{split}/kappa": metrics["kappa_quadratic"],
-               f"{split}/dcg_accuracy": guide["accuracy"], f"{split}/dcg_macro_f1": guide["macro_f1"],
+               f"{split}/dcg_accuracy": dcg["accuracy"], f"{split}/dcg_macro_f1": dcg["macro_f1"],
                f"{split}/seconds": time.perf_counter() - started,
                "selection_score": score}
         return Validation(row, score)

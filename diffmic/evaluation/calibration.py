@@ -124,15 +124,15 @@ def top_label_uncertainty(probs: Any) -> np.ndarray:
     return 1.0 - as_numpy(probs).astype(np.float64).max(axis=1)
 
 
-def trust_metrics(labels: Any, probs: Any, guide_probs: Any, uncertainty: Any | None) -> dict[str, Any]:
+def trust_metrics(labels: Any, probs: Any, dcg_probs: Any, uncertainty: Any | None) -> dict[str, Any]:
     """The calibration of the diffusion and of the DCG alone, and, with several chains per image, how
     well the chains' disagreement flags wrong predictions (the DCG's 1 - max probability beside it)."""
     metrics: dict[str, Any] = dict(calibration_metrics(labels, probs))
-    metrics.update({f"dcg_{key}": value for key, value in calibration_metrics(labels, guide_probs).items()})
+    metrics.update({f"dcg_{key}": value for key, value in calibration_metrics(labels, dcg_probs).items()})
     if uncertainty is not None:
         metrics["uncertainty_auroc"] = uncertainty_auroc(labels, probs, uncertainty)
         metrics["selective_accuracy"] = selective_accuracy(labels, probs, uncertainty)
-        guide_uncertainty = top_label_uncertainty(guide_probs)
-        metrics["dcg_uncertainty_auroc"] = uncertainty_auroc(labels, guide_probs, guide_uncertainty)
-        metrics["dcg_selective_accuracy"] = selective_accuracy(labels, guide_probs, guide_uncertainty)
+        dcg_uncertainty = top_label_uncertainty(dcg_probs)
+        metrics["dcg_uncertainty_auroc"] = uncertainty_auroc(labels, dcg_probs, dcg_uncertainty)
+        metrics["dcg_selective_accuracy"] = selective_accuracy(labels, dcg_probs, dcg_uncertainty)
     return metrics

@@ -17,14 +17,16 @@ from .plots import _save_atomically
 
 CURVES_FILE = "curves.png"  # in the run folder
 LOSS_TERMS = (("loss", "total"), ("mse", "MSE (fused branch)"), ("mmd", "MMD (global + local)"),
-              ("guide_loss", "guidance cross-entropy"))
-RATES = (("lr_denoiser", "denoiser"), ("lr_guide", "guidance model"))
+              ("dcg_loss", "guidance cross-entropy"))
+RATES = (("lr_denoiser", "denoiser"), ("lr_dcg", "guidance model"))
+OLD_KEYS = {"guide_loss": "dcg_loss", "lr_guide": "lr_dcg"}  # runs logged before the guidance network was `dcg`
 
 
 def training_rows(rows: Iterable[dict]) -> list[dict]:
     """Training-interval rows, one per step (the last one written wins: a resumed run may have logged a
     step twice), in step order."""
-    latest = {row["step"]: row for row in rows if "loss" in row and "step" in row}
+    latest = {row["step"]: {OLD_KEYS.get(key, key): value for key, value in row.items()}
+              for row in rows if "loss" in row and "step" in row}
     return [latest[step] for step in sorted(latest)]
 
 

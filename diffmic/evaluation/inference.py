@@ -21,7 +21,7 @@ class SplitPredictions:
     keys: list[str]
     labels: np.ndarray  # (N,)
     probs: np.ndarray  # (N, C)
-    guide_probs: np.ndarray  # (N, C)
+    dcg_probs: np.ndarray  # (N, C)
     uncertainty: np.ndarray | None = None  # (N,), n_samples > 1
     spread: np.ndarray | None = None  # (N, C), n_samples > 1
     trajectory: list[tuple[int, np.ndarray]] = field(default_factory=list)  # [(t, (N, C) chain mean)]
@@ -31,15 +31,15 @@ class SplitPredictions:
         return self.probs.argmax(axis=1)
 
     @property
-    def guide_predicted(self) -> np.ndarray:
-        return self.guide_probs.argmax(axis=1)
+    def dcg_predicted(self) -> np.ndarray:
+        return self.dcg_probs.argmax(axis=1)
 
     def reordered(self, keys: list[str]) -> "SplitPredictions":
         """The same predictions in the order of `keys` (the manifest's)."""
         where = {key: i for i, key in enumerate(self.keys)}
         index = np.array([where[key] for key in keys], dtype=np.int64)
         take = lambda a: None if a is None else a[index]  # noqa: E731
-        return SplitPredictions(list(keys), self.labels[index], self.probs[index], self.guide_probs[index],
+        return SplitPredictions(list(keys), self.labels[index], self.probs[index], self.dcg_probs[index],
                                 take(self.uncertainty), take(self.spread),
                                 [(t, states[index]) for t, states in self.trajectory])
 
@@ -59,7 +59,7 @@ def per_sample_noise(keys: list[str], seed: int, slots: int, n_samples: int, cla
 def predict_batches(model, batches, device, seed: int, sampling: SamplingSettings, record_every: int = 0,
                     autocast=None, on_batch=None) -> SplitPredictions:
     """Runs `model.predict` over this process's batches (no collective inside)."""
-    parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "guide_probs": [], "uncertainty": [],
+    parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "dcg_probs": [], "uncertainty": [],
                               "spread": []}
     trajectory: dict[int, list] = {}
     for batch in batches:
@@ -73,7 +73,7 @@ def predict_batches(model, batches, device, seed: int, sampling: SamplingSetting
         parts["keys"].extend(batch["key"])
         parts["labels"].append(batch["label"].numpy())
         parts["probs"].append(prediction.probs.float().cpu().numpy())
-        parts["guide_probs"].append(prediction.guide_probs.float().cpu().numpy())
+        parts["dcg_probs"].append(prediction.dcg_probs.float().cpu().numpy())
         if prediction.uncertainty is not None:
             parts["uncertainty"].append(prediction.uncertainty.cpu().numpy())
             parts["spread"].append(prediction.spread.float().cpu().numpy())
@@ -89,7 +89,7 @@ def _assemble(parts: dict, trajectory: dict, classes: int) -> SplitPredictions:
         return np.concatenate(parts[name]) if parts[name] else np.zeros((0, width) if width else 0, np.float32)
 
     return SplitPredictions(
-        parts["keys"], stack("labels", 0).astype(np.int64), stack("probs", classes), stack("guide_probs", classes),
+        parts["keys"], stack("labels", 0).astype(np.int64), stack("probs", classes), stack("dcg_probs", classes),
         stack("uncertainty", 0) if parts["uncertainty"] else None,
         stack("spread", classes) if parts["spread"] else None,
         sorted(((t, np.concatenate(states)) for t, states in trajectory.items()), key=lambda item: -item[0]))
@@ -109,7 +109,7 @@ def merge(parts: list[SplitPredictions]) -> SplitPredictions:
         raise ValueError("no process produced any prediction: the split is empty")
     times = [t for t, _ in filled[0].trajectory]
     trajectory = [(t, np.concatenate([dict(p.trajectory)[t] for p in filled])) for t in times]
-    return SplitPredictions(keys, join("labels"), join("probs"), join("guide_probs"), join("uncertainty"),
+    return SplitPredictions(keys, join("labels"), join("probs"), join("dcg_probs"), join("uncertainty"),
                             join("spread"), trajectory)
 
 

@@ -111,15 +111,15 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
 
 def _report(predictions, classes, info, manifest, split, settings: EvalSettings, seconds) -> dict:
     metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-    guide = classification_metrics(predictions.labels, predictions.guide_probs, class_names=classes)
+    dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
     metrics.update({
-        "dcg_accuracy": guide["accuracy"], "dcg_macro_f1": guide["macro_f1"], "split": split,
+        "dcg_accuracy": dcg["accuracy"], "dcg_macro_f1": dcg["macro_f1"], "split": split,
         "sampler": settings.sampling.sampler, "steps": settings.sampling.steps,
         "n_samples": settings.sampling.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
     })
-    metrics.update(trust_metrics(predictions.labels, predictions.probs, predictions.guide_probs,
+    metrics.update(trust_metrics(predictions.labels, predictions.probs, predictions.dcg_probs,
                                  predictions.uncertainty))
     return metrics
 
@@ -137,13 +137,13 @@ def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, class
 def write_trust_figures(out: Path, predictions: SplitPredictions) -> None:
     """reliability.png (diffusion and DCG side by side) always; selective.png with several chains per image.
     The basic variant has no diffusion: its one model is drawn once."""
-    labels, diffusion, guide = predictions.labels, predictions.probs, predictions.guide_probs
-    same = np.array_equal(diffusion, guide)
-    plot_reliability(labels, {"classifier": guide} if same else {"diffusion": diffusion, "DCG": guide},
+    labels, diffusion, dcg = predictions.labels, predictions.probs, predictions.dcg_probs
+    same = np.array_equal(diffusion, dcg)
+    plot_reliability(labels, {"classifier": dcg} if same else {"diffusion": diffusion, "DCG": dcg},
                      out / "reliability.png")
     if predictions.uncertainty is not None:
         curves = {"diffusion (chains' disagreement)": selective_curve(labels, diffusion, predictions.uncertainty),
-                  "DCG (1 - max probability)": selective_curve(labels, guide, top_label_uncertainty(guide))}
+                  "DCG (1 - max probability)": selective_curve(labels, dcg, top_label_uncertainty(dcg))}
         plot_selective(curves, out / "selective.png")
 
 
@@ -156,7 +156,7 @@ def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
     writer.writerow(header)
     for i, key in enumerate(predictions.keys):
         row = [key, classes[predictions.labels[i]], classes[predictions.predicted[i]],
-               *[f"{p:.6f}" for p in predictions.probs[i]], classes[predictions.guide_predicted[i]]]
+               *[f"{p:.6f}" for p in predictions.probs[i]], classes[predictions.dcg_predicted[i]]]
         if predictions.spread is not None:
             row += [f"{predictions.uncertainty[i]:.6f}", *[f"{s:.6f}" for s in predictions.spread[i]]]
         writer.writerow(row)
@@ -223,7 +223,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
-                   "dcg_predicted": classes[result.guide_predicted[i]]}
+                   "dcg_predicted": classes[result.dcg_predicted[i]]}
             row["uncertainty"] = float(result.uncertainty[i]) if result.uncertainty is not None else None
             rows.append(row)
     return rows, classes

@@ -24,8 +24,8 @@ from .denoiser import Denoiser
 class Prediction:
     probs: torch.Tensor  # (B, C) class probabilities of the diffusion (or of the classifier for `basic`)
     label: torch.Tensor  # (B,) argmax of probs
-    guide_probs: torch.Tensor  # (B, C) the guidance model's own softmax
-    guide_label: torch.Tensor  # (B,)
+    dcg_probs: torch.Tensor  # (B, C) the guidance model's own softmax
+    dcg_label: torch.Tensor  # (B,)
     y0: torch.Tensor | None = None  # (B, n_samples, C) final state of every chain
     uncertainty: torch.Tensor | None = None  # (B,) share of chains that disagree with `label` (n_samples > 1)
     spread: torch.Tensor | None = None  # (B, C) standard deviation of y0 across chains (n_samples > 1)
@@ -60,6 +60,18 @@ def chain_probabilities(y0: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, positive / total.clamp_min(1e-12), y0.softmax(dim=-1))
 
 
+# Checkpoints written before the guidance network was named `dcg` in code (as in the config and the outputs)
+# hold its weights under `guide.`; they load unchanged.
+OLD_PREFIXES = {"guide.": "dcg."}
+
+
+def _rename_old_keys(state_dict: dict, prefix: str, *_) -> None:
+    for name in [name for name in state_dict if name.startswith(prefix)]:
+        for old, new in OLD_PREFIXES.items():
+            if name.startswith(prefix + old):
+                state_dict[prefix + new + name[len(prefix + old):]] = state_dict.pop(name)
+
+
 class DiffMIC(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
@@ -76,10 +88,10 @@ class DiffMIC(nn.Module):
         self.check_values = True
         if config.uses_dcg:
             dcg = model.dcg
-            self.guide = DCG(self.num_classes, dcg.backbone, dcg.local_backbone, dcg.k, dcg.top_t,
-                             dcg.crop_channels, dcg.attention_dim, dcg.pretrained)
+            self.dcg = DCG(self.num_classes, dcg.backbone, dcg.local_backbone, dcg.k, dcg.top_t,
+                           dcg.crop_channels, dcg.attention_dim, dcg.pretrained)
         else:
-            self.guide = PlainClassifier(self.num_classes, model.classifier.backbone, model.classifier.pretrained)
+            self.dcg = PlainClassifier(self.num_classes, model.classifier.backbone, model.classifier.pretrained)
         self.denoiser = None
         if config.uses_diffusion:
             self.denoiser = Denoiser(self.num_classes, model.denoiser.feature_dim, diffusion.timesteps,
@@ -87,10 +99,11 @@ class DiffMIC(nn.Module):
         # A plain attribute, not buffers: mixed-precision engines cast buffers, and the schedule's
         # float64 closed forms must stay exact.
         self.schedule = NoiseSchedule.linear(diffusion.timesteps, diffusion.beta_start, diffusion.beta_end)
+        self._register_load_state_dict_pre_hook(_rename_old_keys)
 
     # --- guidance ---------------------------------------------------------------------------------
     def guidance(self, images: torch.Tensor) -> GuidanceLogits:
-        out = self.guide(images)
+        out = self.dcg(images)
         return out if isinstance(out, GuidanceLogits) else GuidanceLogits(out)
 
     def priors(self, logits: GuidanceLogits) -> dict[str, torch.Tensor]:
@@ -108,15 +121,15 @@ class DiffMIC(nn.Module):
     @torch.no_grad()
     def frozen_priors(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Priors from the guidance model in eval mode, without gradients (its mode is restored)."""
-        was_training = self.guide.training
-        self.guide.eval()
+        was_training = self.dcg.training
+        self.dcg.eval()
         try:
             return self.priors(self.guidance(images))
         finally:
-            self.guide.train(was_training)
+            self.dcg.train(was_training)
 
     # --- training ---------------------------------------------------------------------------------
-    def forward(self, batch: dict, train_denoiser: bool = True, train_guide: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, train_denoiser: bool = True, train_dcg: bool = True) -> dict[str, torch.Tensor]:
         """Training losses for one batch: `loss` is their sum. The denoiser loss does not reach the
         guidance model (its priors are computed without gradients) and the cross-entropy does not
         reach the denoiser, so one backward gives each network its own gradient."""
@@ -127,9 +140,9 @@ class DiffMIC(nn.Module):
         if train_denoiser and self.denoiser is not None:
             losses.update(self.denoiser_losses(images, labels))
             total = total + losses["denoiser_loss"]
-        if train_guide:
-            losses["guide_loss"] = F.cross_entropy(self.guidance(images).fused.float(), labels)
-            total = total + losses["guide_loss"]
+        if train_dcg:
+            losses["dcg_loss"] = F.cross_entropy(self.guidance(images).fused.float(), labels)
+            total = total + losses["dcg_loss"]
         losses["loss"] = total
         return losses
 
@@ -161,8 +174,8 @@ class DiffMIC(nn.Module):
             losses["denoiser_loss"] = losses["mse"] + self.mmd_weight * losses["mmd"]
         return losses
 
-    def guide_parameters(self) -> list[nn.Parameter]:
-        return list(self.guide.parameters())
+    def dcg_parameters(self) -> list[nn.Parameter]:
+        return list(self.dcg.parameters())
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
         return list(self.denoiser.parameters()) if self.denoiser is not None else []
@@ -182,15 +195,15 @@ class DiffMIC(nn.Module):
         try:
             logits = self.guidance(images)
             priors = self.priors(logits)
-            guide_probs = logits.fused.float().softmax(dim=-1)
+            dcg_probs = logits.fused.float().softmax(dim=-1)
             if self.denoiser is None:
-                label = guide_probs.argmax(dim=-1)
-                return Prediction(guide_probs, label, guide_probs, label)
-            return self._diffuse(images, priors["fused"], guide_probs, sampling, generator, noise, record_every)
+                label = dcg_probs.argmax(dim=-1)
+                return Prediction(dcg_probs, label, dcg_probs, label)
+            return self._diffuse(images, priors["fused"], dcg_probs, sampling, generator, noise, record_every)
         finally:
             self.train(was_training)
 
-    def _diffuse(self, images, prior, guide_probs, sampling: SamplingSettings, generator, noise,
+    def _diffuse(self, images, prior, dcg_probs, sampling: SamplingSettings, generator, noise,
                  record_every) -> Prediction:
         batch, n_samples = images.shape[0], sampling.n_samples
         features = self.denoiser.encode(images).repeat_interleave(n_samples, dim=0)
@@ -206,7 +219,7 @@ class DiffMIC(nn.Module):
         else:
             probs = chain_probabilities(y0.mean(dim=1))
         label = probs.argmax(dim=-1)
-        prediction = Prediction(probs, label, guide_probs, guide_probs.argmax(dim=-1), y0)
+        prediction = Prediction(probs, label, dcg_probs, dcg_probs.argmax(dim=-1), y0)
         if n_samples > 1:
             prediction.uncertainty = 1 - (y0.argmax(dim=-1) == label.unsqueeze(1)).float().mean(dim=1)
             prediction.spread = y0.std(dim=1)
