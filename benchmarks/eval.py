@@ -28,7 +28,8 @@ def encode_every_step(model, images, steps: int) -> None:
     def denoise(y_t, t):
         return model.denoiser(model.denoiser.encode(images), y_t, prior, t)
 
-    sample(denoise, prior, model.schedule, SamplingSettings("respaced", steps, n_samples=1, aggregate="mean"))
+    sample(denoise, prior, model.schedule,
+           SamplingSettings("respaced", steps, n_samples=1, aggregate="mean", probability="positive_part"))
 
 
 def baseline_images_per_s(model, images, steps: int, repeats: int, precision) -> float:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .diffusion.sampler import SAMPLERS
+from .diffusion.sampler import PROBABILITY_RULES, SAMPLERS
 
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
 CELL_SIZE = 32
@@ -311,6 +311,9 @@ class EvalConfig(Section):
     steps: int = 250
     n_samples: int = 1
     aggregate: Literal["mean", "vote"] = "mean"  # how several chains per image combine
+    # How y_0 becomes class probabilities: the normalised positive part of the chains' mean state, its softmax
+    # (the authors' code), or the share of chains voting each class (one-hot with one chain; aggregate: vote).
+    probability: Literal[PROBABILITY_RULES] = "positive_part"
     batch_size: int = 64
     use_ema: bool = True
 
@@ -318,6 +321,9 @@ class EvalConfig(Section):
         _require(self.steps >= 1, "steps", f"got {self.steps}, expected at least 1")
         _require(self.n_samples >= 1, "n_samples", f"got {self.n_samples}, expected at least 1")
         _require(self.batch_size >= 1, "batch_size", f"got {self.batch_size}, expected at least 1")
+        _require(self.aggregate == "mean" or self.probability in ("positive_part", "vote"), "probability",
+                 f"got {self.probability!r} with aggregate: vote, which makes the probabilities the chains' vote "
+                 "shares; use aggregate: mean or probability: vote")
 
 
 @dataclass

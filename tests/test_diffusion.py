@@ -6,7 +6,7 @@ from diffmic.diffusion import NoiseSchedule, SamplingSettings, antithetic_timest
 
 def settings_for(sampler: str, steps: int) -> SamplingSettings:
     """One chain per row: `sample` reads only the sampler and the steps."""
-    return SamplingSettings(sampler, steps, n_samples=1, aggregate="mean")
+    return SamplingSettings(sampler, steps, n_samples=1, aggregate="mean", probability="positive_part")
 
 
 @pytest.fixture

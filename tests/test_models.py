@@ -114,7 +114,8 @@ def test_every_variant_trains_and_predicts(variant):
     assert ("mmd" in losses) == (variant == "full") and ("mse" in losses) == (variant != "basic")
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.dcg.parameters() if p.requires_grad)
-    prediction = model.predict(batch["image"], SamplingSettings("respaced", steps=5, n_samples=2, aggregate="mean"))
+    prediction = model.predict(batch["image"], SamplingSettings("respaced", steps=5, n_samples=2, aggregate="mean",
+                                                                probability="positive_part"))
     assert prediction.probs.shape == (4, 3) and prediction.label.shape == (4,)
     torch.testing.assert_close(prediction.probs.sum(dim=1), torch.ones(4))
     assert prediction.dcg_probs.shape == (4, 3)
@@ -157,7 +158,8 @@ def test_predict_runs_the_encoder_and_guidance_once_per_batch_at_1000_steps():
     model.denoiser.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
     model.dcg.register_forward_hook(lambda *a: calls.__setitem__("dcg", calls["dcg"] + 1))
     model.denoiser.output.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
-    model.predict(torch.randn(2, 3, 64, 64), SamplingSettings("respaced", steps=1000, n_samples=3, aggregate="mean"))
+    model.predict(torch.randn(2, 3, 64, 64), SamplingSettings("respaced", steps=1000, n_samples=3, aggregate="mean",
+                                                              probability="positive_part"))
     assert calls == {"encoder": 1, "dcg": 1, "mlp": 1000}
 
 
@@ -165,7 +167,7 @@ def test_predict_with_fixed_noise_is_reproducible_and_restores_train_mode():
     model = DiffMIC(small_config()).train()
     images = torch.randn(3, 3, 64, 64)
     noise = torch.randn(11, 6, 3)
-    sampling = SamplingSettings("respaced", steps=10, n_samples=2, aggregate="mean")
+    sampling = SamplingSettings("respaced", steps=10, n_samples=2, aggregate="mean", probability="positive_part")
     first = model.predict(images, sampling, noise=noise)
     second = model.predict(images, sampling, noise=noise)
     torch.testing.assert_close(first.y0, second.y0)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # torch is imported on first use: the config reads SAMPLERS w
 
 Denoise = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 SAMPLERS = ("respaced", "truncated", "ddim")
+# How the chains' final states y_0 become class probabilities (diffmic.models.diffmic.chain_probabilities):
+# the normalised positive part of their mean, the softmax of their mean, or the share of chains voting each class.
+PROBABILITY_RULES = ("positive_part", "softmax", "vote")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,17 @@ class SamplingSettings:
     steps: int  # reverse steps of the chain
     n_samples: int  # chains per image
     aggregate: str  # how an image's chains combine: "mean" of their states or a majority "vote"
+    probability: str  # one of PROBABILITY_RULES: how the (mean) final state becomes probabilities
+
+    def __post_init__(self) -> None:
+        if self.probability not in PROBABILITY_RULES:
+            raise ValueError(f"unknown probability rule {self.probability!r}; expected one of "
+                             f"{', '.join(PROBABILITY_RULES)}")
+
+    @property
+    def rule(self) -> str:
+        """The probability rule in force: a majority vote over the chains makes them the vote shares."""
+        return "vote" if self.aggregate == "vote" else self.probability
 
 
 def sampling_schedule(schedule: NoiseSchedule, sampler: str, steps: int) -> NoiseSchedule:

@@ -33,5 +33,5 @@ def resolve_eval_settings(config: Config, steps: int | None = None, sampler: str
         raise EvalSettingsError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
     if n_samples < 1:
         raise EvalSettingsError(f"--n-samples must be at least 1 (chains per image), not {n_samples}")
-    return EvalSettings(SamplingSettings(sampler, steps, n_samples, defaults.aggregate),
+    return EvalSettings(SamplingSettings(sampler, steps, n_samples, defaults.aggregate, defaults.probability),
                         defaults.use_ema if use_ema is None else use_ema, defaults.batch_size)

@@ -52,12 +52,24 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor | None, num_classes: 
         raise ValueError("images contain NaN or infinite values")
 
 
-def chain_probabilities(y0: torch.Tensor) -> torch.Tensor:
-    """Maps final states (..., C) to probabilities: y0 lives on the scale of one-hot labels, so its
-    positive part is normalised; a state with no positive entry falls back to its softmax."""
-    positive = y0.clamp_min(0)
+def chain_probabilities(y0: torch.Tensor, rule: str = "positive_part") -> torch.Tensor:
+    """Maps the final states of an image's chains (B, n_samples, C) to probabilities (B, C), by `rule`:
+
+    - positive_part: y0 lives on the scale of one-hot labels, so the positive part of the chains' mean state is
+      normalised; a mean state with no positive entry falls back to its softmax;
+    - softmax: the softmax of the chains' mean state (the authors' code);
+    - vote: the share of the chains whose state's argmax is each class (one-hot for a single chain).
+    """
+    if rule == "vote":
+        return F.one_hot(y0.argmax(dim=-1), y0.shape[-1]).to(y0.dtype).mean(dim=1)
+    state = y0.mean(dim=1)
+    if rule == "softmax":
+        return state.softmax(dim=-1)
+    if rule != "positive_part":
+        raise ValueError(f"unknown probability rule {rule!r}")
+    positive = state.clamp_min(0)
     total = positive.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, positive / total.clamp_min(1e-12), y0.softmax(dim=-1))
+    return torch.where(total > 0, positive / total.clamp_min(1e-12), state.softmax(dim=-1))
 
 
 # Checkpoints written before the guidance network was named `dcg` in code (as in the config and the outputs)
@@ -214,10 +226,7 @@ class DiffMIC(nn.Module):
 
         y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling, noise, generator, record_every)
         y0 = y0.view(batch, n_samples, self.num_classes)
-        if sampling.aggregate == "vote":
-            probs = F.one_hot(y0.argmax(dim=-1), self.num_classes).float().mean(dim=1)
-        else:
-            probs = chain_probabilities(y0.mean(dim=1))
+        probs = chain_probabilities(y0, sampling.rule)
         label = probs.argmax(dim=-1)
         prediction = Prediction(probs, label, dcg_probs, dcg_probs.argmax(dim=-1), y0)
         if n_samples > 1:
