@@ -87,24 +87,44 @@ def predict_command(
     n_samples: int = SAMPLES_OPTION,
     ema: bool = EMA_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="CSV to write. Default: RUN/predictions/<time>.csv."),
+    flag_uncertain: float = typer.Option(None, "--flag-uncertain", metavar="T",
+                                         help="Mark the rows whose uncertainty (share of chains that disagree "
+                                              "with the prediction, 0..1) is above T, e.g. 0.3: a 'check' "
+                                              "column in the table and the CSV. Needs --n-samples > 1."),
 ) -> None:
     """Classify image files with a trained run (the same preprocessing as the shards).
 
-    Example: diffmic predict --run runs/digits-1 photos/ lesion_042.jpg
+    Examples:
+      diffmic predict --run runs/digits-1 photos/ lesion_042.jpg
+      diffmic predict --run runs/ham-1 --n-samples 10 --flag-uncertain 0.3 lesions/
     """
-    from ..evaluation.runner import predict_files, write_rows_csv
+    from ..evaluation.runner import check_flag_threshold, flag_uncertain_rows, predict_files, write_rows_csv
 
     settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema)
+    if flag_uncertain is not None:  # refused before any image is read
+        from ..checkpoint import find_checkpoint
+
+        check_flag_threshold(flag_uncertain, find_checkpoint(run, checkpoint).config, settings)
     rows, classes = predict_files(run, paths, checkpoint, settings)
+    if flag_uncertain is not None:
+        flag_uncertain_rows(rows, flag_uncertain)
     table = Table(title=f"{len(rows)} image(s), {checkpoint} checkpoint of {run}")
     table.add_column("file", overflow="fold")
-    for column in ("predicted", "probability", "DCG", "uncertainty"):
+    flag_column = ("check",) if flag_uncertain is not None else ()
+    for column in ("predicted", "probability", "DCG", "uncertainty", *flag_column):
         table.add_column(column, justify="right")
     for row in rows:
         uncertainty = "" if row["uncertainty"] is None else f"{row['uncertainty']:.2f}"
-        table.add_row(row["file"], row["predicted"], f"{row['prob_' + row['predicted']]:.3f}", row["dcg_predicted"],
-                      uncertainty)
+        cells = [row["file"], row["predicted"], f"{row['prob_' + row['predicted']]:.3f}", row["dcg_predicted"],
+                 uncertainty]
+        if flag_uncertain is not None:
+            cells.append("[bold yellow]CHECK[/]" if row["check"] == "yes" else "")
+        table.add_row(*cells)
     console.print(table)
+    if flag_uncertain is not None:
+        flagged = sum(row["check"] == "yes" for row in rows)
+        console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g}: check them by hand",
+                      highlight=False)
     path = out or Path(run) / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.csv"
     write_rows_csv(rows, path)
     console.print(f"wrote {path}", highlight=False)

@@ -227,6 +227,6 @@ def plot_selective(curves: dict[str, tuple[Any, Any]], path: str | os.PathLike,
     axes.set_xlabel("coverage (share of images kept; the rest referred for review)")
     axes.set_ylabel("accuracy of the kept images")
     axes.invert_xaxis()
-    axes.legend(loc="lower left")
+    axes.legend(loc="lower right")  # the curves start at the lower left (full coverage)
     axes.set_title("selective prediction: the most uncertain images referred first")
     return _save_atomically(figure, path)

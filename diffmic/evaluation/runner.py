@@ -21,7 +21,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..accelerator import make_accelerator
 from ..data import eval_loader, read_manifest
-from ..errors import CheckpointError, UnreadableImageError
+from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
@@ -224,9 +224,32 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
                    "dcg_predicted": classes[result.dcg_predicted[i]]}
-            row["uncertainty"] = float(result.uncertainty[i]) if result.uncertainty is not None else None
+            # A share of chains, k / n_samples: rounded so float32's 1 - 0.7 = 0.30000001 is 0.3 again, and
+            # --flag-uncertain 0.3 does not flag 3 disagreeing chains out of 10.
+            row["uncertainty"] = round(float(result.uncertainty[i]), 6) if result.uncertainty is not None else None
             rows.append(row)
     return rows, classes
+
+
+def check_flag_threshold(threshold: float, config, settings: EvalSettings) -> None:
+    """`diffmic predict --flag-uncertain T` needs an uncertainty to compare with T: several diffusion chains
+    per image. The uncertainty is the share of chains that disagree with the prediction, in [0, 1], so a T
+    outside [0, 1] (or NaN) means nothing and is refused, like a run without chains."""
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise EvalSettingsError(f"--flag-uncertain must be in 0..1 (the share of chains that disagree with the "
+                                f"prediction), not {threshold:g}")
+    if not config.uses_diffusion:
+        raise EvalSettingsError("--flag-uncertain needs the diffusion's chains, and this run is the "
+                                "'basic' variant (the DCG alone): it has no uncertainty to flag")
+    if settings.sampling.n_samples < 2:
+        raise EvalSettingsError(f"--flag-uncertain needs several chains per image to measure their disagreement; "
+                                f"this prediction draws {settings.sampling.n_samples}: add --n-samples 5 (or more)")
+
+
+def flag_uncertain_rows(rows: list[dict], threshold: float) -> None:
+    """Add `check`: "yes" to the rows whose uncertainty is above `threshold` (strictly), else "no"."""
+    for row in rows:
+        row["check"] = "yes" if row["uncertainty"] is not None and row["uncertainty"] > threshold else "no"
 
 
 def write_rows_csv(rows: list[dict], path: Path) -> None:
