@@ -9,7 +9,10 @@ trains the configs/digits.yaml budget and is scored once on the test split with 
 training seed changes between seeds.
 
     python benchmarks/learn_imbalanced.py [--seeds 3] [--variants basic,c1,c2,full] [--size 32]
-                                          [--set KEY=VALUE ...] [--json results.json]
+                                          [--set KEY=VALUE ...] [--json results.json] [--work-dir DIR]
+
+With --work-dir the data, shards and run folders stay there; calling it again with the same folder evaluates
+the runs already trained instead of training them again (benchmarks/analyse_chain.py re-evaluates them too).
 
 Prints one line per run, then mean ± sample standard deviation over the seeds: accuracy, macro F1, balanced
 accuracy, macro AUROC, and the F1 of the two rarest classes (VASC, DF), for the diffusion and for the
@@ -78,10 +81,15 @@ def train_and_score(shards: Path, run_dir: Path, variant: str, seed: int, size: 
 
     settings = [f"model.variant={variant}", "data.num_classes=7", f"data.image_size={size}", "train.val_every=0",
                 f"train.seed={seed}", *overrides]
-    started = time.perf_counter()
-    diffmic("train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(shards), "--run-dir",
-            str(run_dir), "--no-progress", *[item for setting in settings for item in ("--set", setting)])
-    trained = time.perf_counter() - started
+    timing = run_dir / "train_seconds.json"
+    if timing.exists():  # trained by an earlier call with the same --work-dir: only evaluate it again
+        trained = json.loads(timing.read_text())["train_s"]
+    else:
+        started = time.perf_counter()
+        diffmic("train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(shards), "--run-dir",
+                str(run_dir), "--no-progress", *[item for setting in settings for item in ("--set", setting)])
+        trained = time.perf_counter() - started
+        timing.write_text(json.dumps({"train_s": trained}))
     result = evaluate_run(run_dir, checkpoint="last", out_dir=run_dir / "eval", progress=False)
     predictions, classes = result.predictions, result.metrics["class_names"]
     return {"variant": variant, "seed": seed, "train_s": trained,
@@ -125,14 +133,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="image size (the 8x8 scans lose nothing at 32 px)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument("--work-dir", type=Path, help="keep the dataset, shards and run folders here (re-evaluate "
+                        "them with benchmarks/analyse_chain.py); default: a temporary folder, removed at the end")
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as temporary:
+        scratch = args.work_dir or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
         data, shards = Path(scratch) / "data", Path(scratch) / "shards"
-        counts = write_dataset(data, args.size)
+        if shards.exists():  # an earlier call's --work-dir: the same data (it is built from fixed seeds)
+            counts = {name: len(list((data / name).iterdir())) for name in DIGITS_OF}
+        else:
+            counts = write_dataset(data, args.size)
+            diffmic("shard", "--dataset", "imagefolder", "--root", str(data), "--out", str(shards), "--size",
+                    str(args.size), "--test-fraction", "0.3", "--val-fraction", "0", "--seed", "0", "--workers", "1")
         print("classes:", ", ".join(f"{name} {count}" for name, count in counts.items()), flush=True)
-        diffmic("shard", "--dataset", "imagefolder", "--root", str(data), "--out", str(shards), "--size", str(args.size),
-                "--test-fraction", "0.3", "--val-fraction", "0", "--seed", "0", "--workers", "1")
         for seed in range(args.seeds):
             for variant in args.variants.split(","):
                 row = train_and_score(shards, Path(scratch) / f"{variant}-{seed}", variant, 2000 + seed, args.size,
@@ -142,9 +157,10 @@ def main() -> None:
                 dcg = " ".join(f"{key}={value:.3f}" for key, value in row["dcg"].items() if value is not None)
                 print(f"{variant:5s} seed={seed} train_s={row['train_s']:.0f} diffusion: {figures} | dcg: {dcg} | "
                       f"flips {row['prior_flips']}", flush=True)
+                if args.json:  # after every run, so that an interrupted measurement keeps what it has
+                    args.json.write_text(json.dumps({"overrides": args.overrides, "counts": counts, "runs": rows},
+                                                    indent=2))
     print("\n".join(summary(rows)))
-    if args.json:
-        args.json.write_text(json.dumps({"overrides": args.overrides, "counts": counts, "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":
