@@ -30,9 +30,7 @@ DEMO_SET ?=
 demo: install
 	$(PY) -m diffmic shard --dataset digits --out $(DEMO_SHARDS) --overwrite
 	$(PY) -m diffmic train --config configs/digits.yaml --shards $(DEMO_SHARDS) --run-dir $(DEMO_RUN) $(DEMO_SET)
-	ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
-		--num_machines 1 --mixed_precision no --dynamo_backend no --main_process_port $(FREE_PORT) \
-		-m diffmic eval --run $(DEMO_RUN) --out $(DEMO_RUN)/eval/test
+	$(PY) -m diffmic eval --run $(DEMO_RUN) --out $(DEMO_RUN)/eval/test --gpus 0 --tasks-per-node 2
 	@echo "metrics: $(DEMO_RUN)/eval/test/metrics.json"
 	@echo "figures: $(DEMO_RUN)/eval/test/confusion_matrix.png $(DEMO_RUN)/eval/test/trajectory.png"
 

@@ -21,6 +21,10 @@ class SlurmError(RuntimeError):
     """Slurm is missing, a job could not be submitted, or a submitted job failed."""
 
 
+class LaunchError(RuntimeError):
+    """Local processes cannot start as asked (more GPUs than the machine has), or one of them failed."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
 

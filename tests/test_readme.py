@@ -133,7 +133,7 @@ def as_argv(command: str) -> list[str]:
     elif argv[0] != "diffmic":
         raise AssertionError(f"the suite does not know how to run `{command}`: run it in tests/test_readme.py or "
                              f"add it to the README's table of commands the suite does not run, with the reason")
-    if "train" in argv and "--slurm" in argv:
+    if ("train" in argv or "sweep" in argv) and "--slurm" in argv:
         argv.append("--dry-run")
     elif "train" in argv:
         argv += [item for override in TRAIN_BUDGET for item in ("--set", override)]

@@ -114,3 +114,45 @@ def test_a_killed_sweep_finishes_only_what_was_left_when_run_again(digits_shards
     assert (out / "compare.png").is_file() and (out / "compare.csv").read_text().count("\n") == 3
     status = diffmic_here(["status", str(out)])
     assert status.returncode == 0 and status.stdout.count("finished") == 2
+
+
+ARRAY_TASK = ["--gpus", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:20:00"]
+
+
+def test_a_slurm_sweep_dry_run_shows_one_array_and_submits_nothing(digits_shards, tmp_path):
+    out = tmp_path / "sweep"
+    result = diffmic_here([*sweep_args(digits_shards, out), "--seeds", "2", "--slurm", *ARRAY_TASK,
+                           "--array-parallelism", "3", "--dry-run"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "#SBATCH --array=0-3%3" in result.stdout and "#SBATCH --ntasks-per-node=1" in result.stdout
+    assert "nothing was submitted" in result.stdout and not out.exists()
+
+
+def test_a_slurm_sweep_refuses_runs_of_several_processes_before_submitting(digits_shards, tmp_path):
+    result = diffmic_here([*sweep_args(digits_shards, tmp_path / "sweep"), "--slurm", "--gpus", "2", "--dry-run"])
+    assert result.returncode != 0 and "one process on one node: pass --gpus 1" in result.stdout + result.stderr
+    assert len((result.stdout + result.stderr).strip().splitlines()) <= 3
+
+
+@pytest.mark.slurm
+def test_a_sweep_runs_as_one_job_array_on_slurm_and_resumes_without_resubmitting(slurm_cluster, digits_shards,
+                                                                                 tmp_path):
+    out = tmp_path / "sweep"
+    command = [*sweep_args(digits_shards, out), "--slurm", "--partition", slurm_cluster.partition, *ARRAY_TASK,
+               "--array-parallelism", "2"]
+    result = diffmic_here([*command, "--wait"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = json.loads((out / "sweep.json").read_text())
+    array_ids = {record["job_id"].split("_")[0] for record in plan["jobs"].values()}
+    assert len(array_ids) == 1 and sorted(record["job_id"].split("_")[1] for record in plan["jobs"].values()) == ["0", "1"]
+    runs = SweepPlan.load(out).runs
+    assert [run.status for run in runs] == ["finished", "finished"]
+    assert all(run.metrics_file(out).is_file() for run in runs)
+
+    again = diffmic_here(command)  # the same command: nothing left, nothing submitted
+    assert again.returncode == 0 and "2 of 2 run(s) already finished" in again.stdout
+    assert json.loads((out / "sweep.json").read_text())["jobs"] == plan["jobs"]
+    table = diffmic_here(["compare", str(out)])
+    assert table.returncode == 0 and "variant=basic" in table.stdout and "variant=full" in table.stdout
+    status = diffmic_here(["status", str(out)])
+    assert status.returncode == 0 and status.stdout.count("finished") == 2

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, NonFiniteLossError, PretrainedWeightsError,
-                      RunLockError, SlurmError, UnreadableImageError)
+from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, LaunchError, NonFiniteLossError,
+                      PretrainedWeightsError, RunLockError, SlurmError, UnreadableImageError)
 from ..data.manifest import ManifestError
 from ..data.sources import ShardError
 
@@ -28,7 +28,7 @@ class UserError(Exception):
 # Errors that mean "your input is wrong", not "diffmic is broken".
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 EvalSettingsError, UnreadableImageError, SlurmError,
+                                                 EvalSettingsError, UnreadableImageError, SlurmError, LaunchError,
                                                  NonFiniteLossError, RunLockError, DiskFullError)
 
 

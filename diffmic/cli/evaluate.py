@@ -58,23 +58,20 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
-    from ..evaluation.runner import evaluate_run, print_metrics
+    from ..evaluation.runner import evaluate_run, print_result
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
     settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema)
-    if launch.job is not None:
+    if launch.elsewhere:
         absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
         arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
                      "out_dir": absolute(out), "shards": absolute(shards)}
-        launch.submit("eval", arguments, Path(run).resolve())
+        launch.start("eval", arguments, Path(run).resolve(), progress)
         return
 
     result = evaluate_run(run, checkpoint, split, settings, out, shards, progress)
     if result.out_dir is not None:
-        metrics = result.metrics
-        print_metrics(metrics, f"{split} split, {checkpoint} checkpoint (step {metrics['checkpoint_step']})")
-        console.print(f"wrote {result.out_dir}/metrics.json, predictions.csv, confusion_matrix.png"
-                      + (", trajectory.png" if (result.out_dir / "trajectory.png").is_file() else ""), highlight=False)
+        print_result(result, split, checkpoint)
 
 
 @app.command("predict")

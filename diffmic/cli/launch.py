@@ -1,5 +1,8 @@
 """The launch options of `diffmic train` and `diffmic eval` (--slurm, --local, the job's resources, --dry-run,
---wait), declared once: `with_launch_options` adds them to a command, which receives them as one `Launch`."""
+--wait), declared once: `with_launch_options` adds them to a command, which receives them as one `Launch`.
+
+`--gpus N` means N processes everywhere: a Slurm job's per node with --slurm, N local processes without
+(`--gpus 0 --tasks-per-node N`: N CPU processes)."""
 
 from __future__ import annotations
 
@@ -40,17 +43,37 @@ LAUNCH_OPTIONS = [
 
 @dataclass(frozen=True)
 class Launch:
-    """How a command runs: here (`job` None), or as one submitit job with these resources."""
+    """How a command runs: as one submitit job with these resources (`job`), or here in `processes` local
+    processes (on the CPU when `cpu`); one process here is the plain call."""
 
     job: SlurmOptions | None
     dry_run: bool
     wait: bool
+    processes: int = 1
+    cpu: bool = False
 
     @classmethod
     def from_flags(cls, slurm: bool, dry_run: bool, wait: bool, **resources) -> "Launch":
-        # Resources are checked only for a job: without --slurm or --local they mean nothing.
-        requested = slurm or resources["local"]
-        return cls(SlurmOptions(**resources) if requested else None, dry_run, wait)
+        if slurm or resources["local"]:
+            return cls(SlurmOptions(**resources), dry_run, wait)
+        return cls(None, dry_run, wait, *local_processes(resources))
+
+    @property
+    def elsewhere(self) -> bool:
+        """The command's work runs in other processes (a job, or several local ones), not in this one."""
+        return self.job is not None or self.processes > 1
+
+    def start(self, kind: str, arguments: dict, run_dir: Path, progress: bool = False) -> None:
+        """Submits the job, or runs the local processes and returns when they end."""
+        if self.job is not None:
+            self.submit(kind, arguments, run_dir)
+            return
+        from ..launch.local import check_gpus, launch_processes
+
+        if not self.cpu:
+            check_gpus(self.processes)  # before anything is said or started
+        console.print(f"{kind}: {self.processes} local {'CPU' if self.cpu else 'GPU'} process(es)", highlight=False)
+        launch_processes(kind, arguments, str(run_dir), self.processes, self.cpu, progress)
 
     def submit(self, kind: str, arguments: dict, run_dir: Path) -> None:
         """Submits (or, with --dry-run, describes) the job and tells the user how to follow it."""
@@ -70,6 +93,22 @@ class Launch:
             if job.local:
                 submitted.wait()  # the local tasks are this process's children: wait on them directly
             wait_for(record, run_dir)
+
+
+def local_processes(resources: dict) -> tuple[int, bool]:
+    """(processes, on the CPU) of a command run here: --gpus N, or --gpus 0 --tasks-per-node N."""
+    gpus, tasks, nodes = resources["gpus"], resources["tasks_per_node"], resources["nodes"]
+    if nodes != 1:
+        raise UserError(f"--nodes {nodes} needs --slurm: here every process runs on this machine")
+    if gpus is None:
+        if tasks:
+            raise UserError(f"--tasks-per-node {tasks} without --slurm runs CPU processes: add --gpus 0")
+        return 1, False
+    if gpus == 0:
+        if tasks < 1:
+            raise UserError("--gpus 0 runs CPU processes here: say how many with --tasks-per-node N")
+        return tasks, True
+    return gpus, False
 
 
 def with_launch_options(command):

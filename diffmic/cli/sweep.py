@@ -9,27 +9,37 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import UserError, app, console
+from .common import UserError, app, config_file, console
+from .launch import Launch, with_launch_options
 
 
 @app.command("sweep")
+@with_launch_options
 def sweep_command(
-    configs: list[Path] = typer.Option(..., "--config", "-c", help="Experiment YAML (repeatable: one row each)."),
+    configs: list[Path] = typer.Option(..., "--config", "-c", help="Experiment YAML (repeatable: one row each): a "
+                                                                  "path, or a name in ./configs/ or the packaged "
+                                                                  "configs."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per configuration: train.seed, train.seed + 1, ..."),
     grid: list[str] = typer.Option(None, "--set", "-s", help="key=v1,v2 sweeps the values; key=v fixes one "
                                                              "(repeatable; a [list] is one value)."),
     folds: int = typer.Option(0, "--folds", help="Cross-validate over the shards' K folds (data.fold = 0..K-1)."),
     out: Path = typer.Option(None, "--out", "-o", help="Sweep folder. Default: sweeps/<first config>-<time>."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder for every run. Default: each config's."),
+    array_parallelism: int = typer.Option(4, "--array-parallelism", help="With --slurm: runs of the job array "
+                                                                        "running at once.", rich_help_panel="Slurm"),
+    *,
+    launch: Launch,  # the Slurm panel's options, added by with_launch_options
 ) -> None:
     """Train and evaluate config files x seeds x values (x folds); re-running resumes.
 
-    The runs go one after another. Re-running the same command finishes only what is left: finished runs
-    are skipped, failed ones retried, interrupted ones resume from their checkpoints.
+    Here the runs go one after another; with --slurm they are one Slurm job array, a task per run (one
+    process each: --gpus 1, or --gpus 0 --tasks-per-node 1). Re-running the same command finishes only what
+    is left: finished runs are skipped, failed ones retried, interrupted ones resume from their checkpoints.
 
     Examples:
       diffmic sweep --config configs/digits.yaml --set model.variant=basic,full --seeds 2 --out sweeps/digits
       diffmic sweep --config configs/ablations/ham10000-basic.yaml --config configs/ham10000.yaml --seeds 3
+      diffmic sweep --config configs/ham10000.yaml --seeds 3 --slurm --gpus 1 --array-parallelism 8
       diffmic compare sweeps/digits
     """
     import time
@@ -39,22 +49,65 @@ def sweep_command(
 
     try:
         swept, fixed = parse_grid(grid or [])
-        bases = [(str(config), load_config(config, fixed).train.seed) for config in configs]
+        found = [config_file(config, None) for config in configs]  # a path, ./configs/ or the packaged ones
+        bases = [(str(path), load_config(path, fixed).train.seed) for path in found]
         planned = plan_runs(bases, seeds, swept, fixed, folds)
         sweep_dir = out or Path("sweeps") / f"{configs[0].stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         plan = merge_with_existing(sweep_dir, SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]),
                                                         str(shards) if shards else None, planned))
     except SweepError as error:
         raise UserError(str(error)) from None
+    report = lambda line: console.print(line, highlight=False)  # noqa: E731
+    if launch.processes > 1:
+        raise UserError("a sweep without --slurm trains its runs one after another, one process each: drop "
+                        "--gpus/--tasks-per-node, or submit it with --slurm")
+    if launch.job is not None:
+        submit_as_array(plan, sweep_dir, launch, array_parallelism, report)
+        return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     plan.save(sweep_dir)
     console.print(f"sweep {sweep_dir}: {len(plan.runs)} run(s); follow it with: diffmic status {sweep_dir}",
                   highlight=False)
-    failed = run_locally(plan, sweep_dir, report=lambda line: console.print(line, highlight=False))
+    failed = run_locally(plan, sweep_dir, report=report)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed ({', '.join(run.name for run in failed)}); their logs are "
                         f"RUN/sweep.log. Re-run the same command to retry them")
     console.print(f"all runs finished; the table: diffmic compare {sweep_dir}", highlight=False)
+
+
+def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, report) -> None:
+    """--slurm: the unfinished runs as one job array (or, with --dry-run, its sbatch script)."""
+    from ..launch.slurm import check_array, sbatch_script
+    from ..launch.sweep import SweepError, SweepPlan, runs_to_do, submit_sweep
+
+    check_array(launch.job, parallelism)
+    if launch.dry_run:
+        todo = len(runs_to_do(plan, sweep_dir, report))
+        console.print(sbatch_script(launch.job, sweep_dir / "slurm", f"diffmic-sweep-{sweep_dir.name}", todo,
+                                    parallelism), highlight=False, markup=False)
+        console.print(f"dry run: a job array of {todo} run(s), at most {parallelism} at once; nothing was submitted")
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(sweep_dir)
+    try:
+        jobs = submit_sweep(plan, sweep_dir, launch.job, parallelism, report)
+    except SweepError as error:
+        raise UserError(str(error)) from None
+    if not jobs:
+        report(f"all runs finished; the table: diffmic compare {sweep_dir}")
+        return
+    report(f"submitted job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} run(s), at most {parallelism} at "
+           f"once; follow it with: diffmic status {sweep_dir}")
+    if launch.wait:
+        for job in jobs:
+            job.wait()
+        plan = SweepPlan.load(sweep_dir)  # the tasks wrote each run's status in its folder
+        plan.save(sweep_dir)
+        failed = [run.name for run in plan.runs if run.status != "finished"]
+        if failed:
+            raise UserError(f"{len(failed)} run(s) did not finish ({', '.join(failed)}); their logs are "
+                            f"RUN/sweep.log and {sweep_dir}/slurm. Re-run the same command to retry them")
+        report(f"all runs finished; the table: diffmic compare {sweep_dir}")
 
 
 def runs_of(paths: list[Path]) -> list[Path]:
@@ -113,7 +166,7 @@ def print_sweep_status(sweep_dir: Path) -> list[str]:
 
     plan = SweepPlan.load(sweep_dir)
     table = Table(title=f"sweep {sweep_dir}: {len(plan.runs)} run(s)")
-    for column in ("run", "status", "accuracy", "note"):
+    for column in ("run", "status", "accuracy", "job", "note"):
         table.add_column(column)
     for run in plan.runs:
         accuracy = ""
@@ -121,6 +174,6 @@ def print_sweep_status(sweep_dir: Path) -> list[str]:
             import json
 
             accuracy = f"{json.loads(run.metrics_file(sweep_dir).read_text())['accuracy']:.4f}"
-        table.add_row(run.name, run.status, accuracy, run.error[:80])
+        table.add_row(run.name, run.status, accuracy, plan.jobs.get(run.name, {}).get("job_id", ""), run.error[:80])
     console.print(table)
     return [run.name for run in plan.runs if run.status == "failed"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def train_command(
     shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
     allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
     facts = {"config_file": str(config_path.resolve())}
-    if launch.job is not None:
+    if launch.elsewhere:
+        facts["command"] = shlex.join(["diffmic", *sys.argv[1:]])  # run.json's record, not the worker's argv
         read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
         if run_dir is None or not complete_checkpoints(run_dir):  # a resume starts from its checkpoint
             for request in fetch_all(cfg):  # missing starting weights fail here too: job nodes read this cache
@@ -84,10 +87,7 @@ def train_command(
         target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve()),
                      "allow_changes": allowed, "facts": facts}
-        launch.submit("train", arguments, target)
+        launch.start("train", arguments, target, progress)
         return
     result = train(cfg, shard_dir, run_dir, progress=progress, facts=facts, allow_changes=allowed)
-    summary = f"{result.stopped_by} at step {result.step} (epoch {result.epoch}); run folder {result.run_dir}"
-    if result.best_step >= 0:
-        summary += f"; best {cfg.train.select_metric} {result.best_score:.4f} at step {result.best_step}"
-    console.print(summary, highlight=False)
+    console.print(result.summary(cfg.train.select_metric), highlight=False)

@@ -39,7 +39,9 @@ def write_run_files(run_dir: Path, config: Config, provenance: dict, facts: dict
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_run_json(run_dir / "run.json")
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    session = {"started": started, "command": " ".join(sys.argv), **session}
+    # A launched process (a Slurm task, one of N local ones) is told the user's command among the facts.
+    facts = dict(facts)
+    session = {"started": started, "command": facts.pop("command", None) or " ".join(sys.argv), **session}
     run = {**provenance, **facts, "command": session["command"], "started": previous.get("started", started),
            "sessions": previous.get("sessions", []) + [session]}
     began = previous.get("fine_tuned_from") or session.get("fine_tuned_from")

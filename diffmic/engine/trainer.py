@@ -71,6 +71,15 @@ class TrainResult:
     best_step: int
     best_score: float
     validation: dict = field(default_factory=dict)
+    processes: int = 1
+
+    def summary(self, select_metric: str) -> str:
+        """The line a training command ends with."""
+        text = (f"{self.stopped_by} at step {self.step} (epoch {self.epoch}) with {self.processes} process(es); "
+                f"run folder {self.run_dir}")
+        if self.best_step >= 0:
+            text += f"; best {select_metric} {self.best_score:.4f} at step {self.best_step}"
+        return text
 
 
 # How the caller's facts read in the run banner (run.json keeps the keys as they are).
@@ -289,7 +298,8 @@ class Trainer:
         best = best_record(self.run_dir) or {"step": -1, "score": -math.inf}
         return TrainResult(self.run_dir, position["step"], position["joint_step"], position["epoch"],
                            "already finished", checkpoint.path, int(best["step"]),
-                           math.nan if best.get("score") is None else float(best["score"]))  # None: imported
+                           math.nan if best.get("score") is None else float(best["score"]),  # None: imported
+                           processes=self.world)
 
     def print(self, message: str) -> None:
         if self.is_main:
@@ -336,7 +346,8 @@ class Trainer:
         self.log.close()
         self._draw_curves()
         return TrainResult(self.run_dir, self.state.step, self.state.joint_step, self.state.epoch, stopped_by,
-                           self.last_checkpoint, self.state.best_step, self.state.best_score, self.last_validation)
+                           self.last_checkpoint, self.state.best_step, self.state.best_score, self.last_validation,
+                           self.world)
 
     def _draw_curves(self) -> None:
         """RUN/curves.png at the end of every session (`diffmic report RUN` draws it at any time)."""

@@ -175,6 +175,16 @@ def print_metrics(metrics: dict, title: str) -> None:
     Console().print(metrics_table(metrics, title, extra))
 
 
+def print_result(result: EvalResult, split: str, checkpoint: str) -> None:
+    """What `diffmic eval` ends with, on the main process: the metrics table and the files written."""
+    from rich.console import Console
+
+    metrics = result.metrics
+    print_metrics(metrics, f"{split} split, {checkpoint} checkpoint (step {metrics['checkpoint_step']})")
+    Console().print(f"wrote {result.out_dir}/metrics.json, predictions.csv, confusion_matrix.png"
+                    + (", trajectory.png" if (result.out_dir / "trajectory.png").is_file() else ""), highlight=False)
+
+
 # --- predict on loose files ---------------------------------------------------------------------------
 def image_files(paths: list[Path]) -> list[Path]:
     found = []

@@ -17,6 +17,11 @@ class EvalSettings:
     use_ema: bool  # the denoiser's EMA weights instead of its raw ones
     batch_size: int  # images per batch on each process
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "EvalSettings":
+        """The inverse of `dataclasses.asdict` (how the settings travel to local worker processes as JSON)."""
+        return cls(SamplingSettings(**values["sampling"]), values["use_ema"], values["batch_size"])
+
 
 def resolve_eval_settings(config: Config, steps: int | None = None, sampler: str | None = None,
                           n_samples: int | None = None, use_ema: bool | None = None) -> EvalSettings:

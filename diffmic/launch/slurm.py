@@ -29,6 +29,8 @@ UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RE
 FINISHED_OK = {"COMPLETED", "DONE"}
 
 
+DEFAULT_JOB_GPUS = 8  # a Slurm job's GPUs per node when --gpus is not given
+
 # Preemption sends SIGUSR2 this long before the kill: time to finish the step, save and requeue.
 SIGNAL_DELAY_S = 120
 
@@ -39,9 +41,10 @@ class SlurmOptions:
     in this order in their help, and checked here alone."""
 
     local: bool = flag(False, "--local", "Run the Slurm job's tasks here with submitit's local executor.")
-    gpus: int = flag(8, "--gpus", "GPUs per node, one task each; 0 for CPU tasks.")
+    gpus: int | None = flag(None, "--gpus", "GPUs per node, one process each (default 8 under --slurm; without "
+                                           "--slurm, N local processes); 0 for CPU processes (--tasks-per-node N).")
     nodes: int = flag(1, "--nodes", "Nodes.")
-    tasks_per_node: int = flag(0, "--tasks-per-node", "Processes per node when --gpus 0.")
+    tasks_per_node: int = flag(0, "--tasks-per-node", "Processes per node when --gpus 0 (also without --slurm).")
     partition: str = flag("", "--partition", "Slurm partition (default: the cluster's).")
     time: str = flag("24:00:00", "--time", "Time limit, [D-]HH:MM:SS.")
     cpus_per_task: int = flag(0, "--cpus-per-task", "CPUs per task (default 8 per GPU task, 1 per CPU task).")
@@ -53,6 +56,8 @@ class SlurmOptions:
     max_requeues: int = flag(3, "--max-requeues", "Requeues after preemption or time-out before giving up.")
 
     def __post_init__(self):
+        if self.gpus is None:
+            self.gpus = DEFAULT_JOB_GPUS
         if not re.fullmatch(r"\d+(-\d+(:\d+){0,2}|(:\d+){0,2})", self.time):
             raise SlurmError(f"--time {self.time!r} is not a Slurm time; use MM, HH:MM:SS or D-HH:MM:SS "
                              f"(e.g. --time 24:00:00)")
@@ -80,6 +85,35 @@ class SlurmOptions:
         return max(1, days * 1440 + hours * 60 + minutes + (1 if seconds else 0))
 
 
+def run_job(kind: str, arguments: dict, run_dir: str | None, progress: bool = False, announce: bool = False) -> dict:
+    """What every process of a launched command runs, a Slurm task or a local process alike: the training
+    (`kind` "train") or the evaluation ("eval") of the arguments the command resolved. `announce`: the main
+    process prints what the command would have printed had it run here."""
+    if kind == "eval":
+        from ..evaluation.runner import evaluate_run, print_result
+        from ..evaluation.settings import EvalSettings
+
+        settings = arguments.get("settings")
+        if isinstance(settings, dict):  # sent as JSON to local processes
+            arguments = {**arguments, "settings": EvalSettings.from_dict(settings)}
+        result = evaluate_run(**arguments, progress=progress)
+        if announce and result.out_dir is not None:
+            print_result(result, arguments.get("split", "test"), arguments.get("checkpoint", "best"))
+        return {"out_dir": str(result.out_dir) if result.out_dir else None, "accuracy": result.metrics["accuracy"]}
+    from ..config import config_from_dict
+    from ..engine import train
+
+    config = config_from_dict(arguments["config"])
+    result = train(config, arguments["shards"], run_dir, progress=progress, facts=arguments.get("facts"),
+                   allow_changes=arguments.get("allow_changes", ()))
+    if announce and int(os.environ.get("RANK", "0")) == 0:
+        from rich.console import Console
+
+        Console().print(result.summary(config.train.select_metric), highlight=False, soft_wrap=True)
+    return {"step": result.step, "stopped_by": result.stopped_by, "best_step": result.best_step,
+            "last_checkpoint": str(result.last_checkpoint), "processes": result.processes}
+
+
 @dataclass
 class DistributedJob:
     """What runs in every task. Picklable; `checkpoint` is submitit's hook for preemption and timeouts."""
@@ -101,21 +135,10 @@ class DistributedJob:
             import torch
 
             torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
-        if self.kind == "eval":
-            from ..evaluation.runner import evaluate_run
-
-            result = evaluate_run(**self.arguments, progress=False)
-            return {"out_dir": str(result.out_dir) if result.out_dir else None, "accuracy": result.metrics["accuracy"]}
-        from ..config import config_from_dict
-        from ..engine import train
-
-        config = config_from_dict(self.arguments["config"])
-        result = train(config, self.arguments["shards"], self.run_dir, progress=False,
-                       facts=self.arguments.get("facts"), allow_changes=self.arguments.get("allow_changes", ()))
-        if result.stopped_by == "signal":
+        outcome = run_job(self.kind, self.arguments, self.run_dir)
+        if outcome.get("stopped_by") == "signal":
             self._requeue_after_save(environment)
-        return {"step": result.step, "stopped_by": result.stopped_by, "best_step": result.best_step,
-                "last_checkpoint": str(result.last_checkpoint)}
+        return outcome
 
     def _requeue_after_save(self, environment) -> None:
         """The trainer took the preemption signal, finished its step and saved on every rank; hand the
@@ -142,10 +165,10 @@ def slurm_available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def job_parameters(options: SlurmOptions, job_name: str) -> dict:
+def job_parameters(options: SlurmOptions, job_name: str, array_parallelism: int = 0) -> dict:
     """The one mapping from the flags to the job's resources, in submitit's AutoExecutor names (generic ones, then
     `slurm_` ones that only a Slurm cluster reads): the executor takes them, and the --dry-run script is rendered
-    from them."""
+    from them. `array_parallelism`: for a job array, how many of its tasks may run at once."""
     parameters = {"nodes": options.nodes, "tasks_per_node": options.tasks(), "timeout_min": options.minutes(),
                   "cpus_per_task": options.cpus_per_task or (8 if options.gpus else 1), "name": job_name}
     if options.gpus:
@@ -154,12 +177,13 @@ def job_parameters(options: SlurmOptions, job_name: str) -> dict:
         parameters["mem_gb"] = options.mem_gb
     if not options.local:
         cluster = {"partition": options.partition, "account": options.account, "qos": options.qos,
-                   "constraint": options.constraint, "exclude": options.exclude, "signal_delay_s": SIGNAL_DELAY_S}
+                   "constraint": options.constraint, "exclude": options.exclude, "signal_delay_s": SIGNAL_DELAY_S,
+                   "array_parallelism": array_parallelism}
         parameters.update({f"slurm_{key}": value for key, value in cluster.items() if value})
     return parameters
 
 
-def make_executor(options: SlurmOptions, log_dir: Path, job_name: str):
+def make_executor(options: SlurmOptions, log_dir: Path, job_name: str, array_parallelism: int = 0):
     import submitit
 
     if not options.local and not slurm_available():
@@ -168,20 +192,23 @@ def make_executor(options: SlurmOptions, log_dir: Path, job_name: str):
     # submitit requeues on preemption and within --max-requeues time-outs.
     executor = submitit.AutoExecutor(folder=str(log_dir / "%j"), cluster="local" if options.local else "slurm",
                                      slurm_max_num_timeout=options.max_requeues)
-    executor.update_parameters(**job_parameters(options, job_name))
+    executor.update_parameters(**job_parameters(options, job_name, array_parallelism))
     return executor
 
 
-def sbatch_script(options: SlurmOptions, log_dir: Path, job_name: str) -> str:
+def sbatch_script(options: SlurmOptions, log_dir: Path, job_name: str, array_tasks: int = 0,
+                  array_parallelism: int = 0) -> str:
     """The sbatch script of the job (for --dry-run), rendered by submitit's own template from the parameters
     `make_executor` passes, renamed to sbatch's names as submitit's Slurm executor renames them; nothing is
-    submitted and Slurm need not be installed."""
+    submitted and Slurm need not be installed. `array_tasks` > 0: a job array of that many tasks."""
     from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
     sbatch_names = SlurmExecutor._equivalence_dict()
     # The script Slurm would run, also for --local (whose job has no script of its own).
     parameters = {key.removeprefix("slurm_") if key.startswith("slurm_") else sbatch_names[key]: value
-                  for key, value in job_parameters(replace(options, local=False), job_name).items()}
+                  for key, value in job_parameters(replace(options, local=False), job_name, array_parallelism).items()}
+    if array_tasks:
+        parameters["map_count"] = array_tasks
     if "mem" in parameters:
         parameters["mem"] = _convert_mem(parameters["mem"])
     folder = str(log_dir / "%j")
@@ -201,6 +228,33 @@ def submit(job: DistributedJob, options: SlurmOptions, run_dir: Path, job_name: 
         record["pid"] = submitted._process.pid
     write_json_atomic(run_dir / JOB_FILE.format(kind=job.kind), record)
     return submitted, record
+
+
+def check_array(options: SlurmOptions, parallelism: int) -> None:
+    if options.nodes != 1 or options.tasks() != 1:
+        raise SlurmError("each run of a --slurm sweep is one process on one node: pass --gpus 1 (or --gpus 0 "
+                         "--tasks-per-node 1) and --nodes 1")
+    if parallelism < 1:
+        raise SlurmError(f"--array-parallelism {parallelism}: use at least 1")
+
+
+def submit_array(tasks: list, options: SlurmOptions, log_dir: Path, job_name: str, parallelism: int):
+    """Submits one job array, a task per callable (one process each), at most `parallelism` running at once;
+    returns submitit's jobs and a record per task (as `submit` writes for one job, for `job_state`)."""
+    check_array(options, parallelism)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(options, log_dir, job_name, parallelism)
+    with executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
+    records = []
+    for job in jobs:
+        record = {"job_id": job.job_id, "kind": "sweep", "log_dir": str(log_dir / str(job.job_id)),
+                  "folder": str(log_dir), "local": options.local, "submitted": submitted, "options": asdict(options)}
+        if options.local:
+            record["pid"] = job._process.pid
+        records.append(record)
+    return jobs, records
 
 
 def job_records(run_dir: Path) -> list[dict]:

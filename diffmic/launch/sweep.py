@@ -1,10 +1,12 @@
 """`diffmic sweep`: configs x seeds x value grids x folds as runs under one folder, each trained then
 evaluated on its test split, resumable by running the same command again.
 
-The plan is `SWEEP/sweep.json` (every run's config file, overrides, seed, fold and status). Each run is
-an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same `diffmic train` and
-`diffmic eval` a user would type, in a child process: one run's crash cannot take the sweep down, and a
-resumed run goes through the trainer's own resume from its latest checkpoint.
+The plan is `SWEEP/sweep.json` (every run's config file, overrides, seed, fold and, with --slurm, its array
+task). Each run is an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same `diffmic
+train` and `diffmic eval` a user would type, in a child process: one run's crash cannot take the sweep down,
+and a resumed run goes through the trainer's own resume from its latest checkpoint. Whoever executes a run
+(the local loop, or its Slurm array task) writes its status to `SWEEP/runs/<name>/sweep-status.json`, so
+array tasks running at once never write the same file.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..fileio import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
+RUN_STATUS_FILE = "sweep-status.json"  # in each run folder: its status, written by whoever executes it
+STATUS_FIELDS = ("status", "error", "started", "ended")
 EVAL_FOLDER = "eval/test"  # RUN/eval/test/metrics.json: what `diffmic compare` reads
-STATUSES = ("pending", "training", "evaluating", "finished", "failed")
+STATUSES = ("pending", "queued", "training", "evaluating", "finished", "failed")
 
 
 class SweepError(ValueError):
@@ -49,6 +53,18 @@ class SweepRun:
 
     def metrics_file(self, sweep_dir: Path) -> Path:
         return self.run_dir(sweep_dir) / EVAL_FOLDER / "metrics.json"
+
+    def write_status(self, sweep_dir: Path) -> None:
+        write_json_atomic(self.run_dir(sweep_dir) / RUN_STATUS_FILE, {key: getattr(self, key) for key in STATUS_FIELDS})
+
+    def read_status(self, sweep_dir: Path) -> None:
+        import json
+
+        path = self.run_dir(sweep_dir) / RUN_STATUS_FILE
+        if path.is_file():
+            values = json.loads(path.read_text())
+            for key in STATUS_FIELDS:
+                setattr(self, key, str(values.get(key, getattr(self, key))))
 
 
 def parse_grid(values: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -102,9 +118,13 @@ class SweepPlan:
     shards: str | None
     runs: list[SweepRun]
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    jobs: dict[str, dict] = field(default_factory=dict)  # run name -> its Slurm array task (launch.slurm record)
 
     def save(self, sweep_dir: Path) -> None:
         write_json_atomic(sweep_dir / SWEEP_FILE, {**asdict(self), "runs": [asdict(run) for run in self.runs]})
+
+    def run(self, name: str) -> SweepRun:
+        return next(run for run in self.runs if run.name == name)
 
     @classmethod
     def load(cls, sweep_dir: Path) -> "SweepPlan":
@@ -114,8 +134,11 @@ class SweepPlan:
         if not path.is_file():
             raise SweepError(f"{sweep_dir} holds no {SWEEP_FILE}: is it a folder made by `diffmic sweep`?")
         values = json.loads(path.read_text())
-        return cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
-                   values["created"])
+        plan = cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
+                   values["created"], values.get("jobs", {}))
+        for run in plan.runs:  # the run folders hold the latest word on each run
+            run.read_status(sweep_dir)
+        return plan
 
 
 def merge_with_existing(sweep_dir: Path, plan: SweepPlan) -> SweepPlan:
@@ -129,7 +152,8 @@ def merge_with_existing(sweep_dir: Path, plan: SweepPlan) -> SweepPlan:
                                                            for run in plan.runs):
         raise SweepError(f"{sweep_dir} holds another sweep ({len(old)} runs, planned by `{previous.command}`); "
                          f"re-run that command to resume it, or choose another --out")
-    return SweepPlan(plan.command, plan.shards, [old[run.name] for run in plan.runs], previous.created)
+    return SweepPlan(plan.command, plan.shards, [old[run.name] for run in plan.runs], previous.created,
+                     previous.jobs)
 
 
 def _die_with_parent() -> None:
@@ -180,19 +204,25 @@ def eval_args(run_dir: Path) -> list[str]:
 
 def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
                 on_change: Callable[[SweepRun], None] = lambda run: None) -> SweepRun:
-    """Trains (or resumes) and evaluates one run; its status is kept up to date through `on_change`."""
+    """Trains (or resumes) and evaluates one run; its status is kept up to date in its folder and through
+    `on_change`."""
     run_dir, log = run.run_dir(sweep_dir), run.run_dir(sweep_dir) / "sweep.log"
     run.started, run.error = time.strftime("%Y-%m-%dT%H:%M:%S"), ""
+
+    def changed(run: SweepRun) -> None:
+        run.write_status(sweep_dir)
+        on_change(run)
+
     for status, args in (("training", train_args(run, run_dir, shards)), ("evaluating", None)):
         run.status = status
-        on_change(run)
+        changed(run)
         if _diffmic(args or eval_args(run_dir), log) != 0:
             run.status, run.error = "failed", f"{status} failed: {_last_lines(log)} (log: {log})"
             break
     else:
         run.status = "finished"
     run.ended = time.strftime("%Y-%m-%dT%H:%M:%S")
-    on_change(run)
+    changed(run)
     return run
 
 
@@ -200,11 +230,17 @@ def is_done(run: SweepRun, sweep_dir: Path) -> bool:
     return run.status == "finished" and run.metrics_file(sweep_dir).is_file()
 
 
+def runs_to_do(plan: SweepPlan, sweep_dir: Path, report: Callable[[str], None] = print) -> list[SweepRun]:
+    """The runs not yet finished: pending, interrupted (they resume) and failed (they are retried)."""
+    todo = [run for run in plan.runs if not is_done(run, sweep_dir)]
+    report(f"{len(plan.runs) - len(todo)} of {len(plan.runs)} run(s) already finished; {len(todo)} to go")
+    return todo
+
+
 def run_locally(plan: SweepPlan, sweep_dir: Path, report: Callable[[str], None] = print) -> list[SweepRun]:
     """The runs one after another; finished ones are skipped, interrupted ones resume, failed ones are
     retried. Returns the runs that failed."""
-    todo = [run for run in plan.runs if not is_done(run, sweep_dir)]
-    report(f"{len(plan.runs) - len(todo)} of {len(plan.runs)} run(s) already finished; {len(todo)} to go")
+    todo = runs_to_do(plan, sweep_dir, report)
 
     def save(_run: SweepRun) -> None:
         plan.save(sweep_dir)
@@ -215,3 +251,53 @@ def run_locally(plan: SweepPlan, sweep_dir: Path, report: Callable[[str], None] 
         execute_run(run, sweep_dir, plan.shards, save)
         report(f"[{number}/{len(todo)}] {run.name}: {run.status}" + (f": {run.error}" if run.error else ""))
     return [run for run in plan.runs if run.status == "failed"]
+
+
+@dataclass
+class SweepTask:
+    """One run of a sweep as one Slurm array task: the same `execute_run` as the local loop. Picklable;
+    `checkpoint` is submitit's hook for preemption and time-outs (the run resumes from its checkpoints)."""
+
+    sweep_dir: str
+    name: str
+    max_requeues: int = 3
+    requeues: int = 0
+
+    def __call__(self) -> str:
+        sweep_dir = Path(self.sweep_dir)
+        plan = SweepPlan.load(sweep_dir)
+        run = execute_run(plan.run(self.name), sweep_dir, plan.shards)
+        if run.status == "failed":  # the array task ends FAILED, and `diffmic status` says why
+            raise RuntimeError(f"sweep run {run.name}: {run.error}")
+        return run.status
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            return None
+        return submitit.helpers.DelayedSubmission(replace(self, requeues=self.requeues + 1))
+
+
+def submit_sweep(plan: SweepPlan, sweep_dir: Path, options, parallelism: int,
+                 report: Callable[[str], None] = print) -> list:
+    """The unfinished runs as one Slurm job array (at most `parallelism` at once), recorded in sweep.json.
+    Refused while an earlier array task of this sweep is still queued or running: it would run twice."""
+    from .slurm import UNFINISHED, job_state, submit_array
+
+    busy = [name for name, record in plan.jobs.items() if job_state(record) in UNFINISHED]
+    if busy:
+        raise SweepError(f"{len(busy)} run(s) of {sweep_dir} are still queued or running as Slurm jobs "
+                         f"({', '.join(plan.jobs[name]['job_id'] for name in busy[:4])}); wait for them "
+                         f"(diffmic status {sweep_dir}) and run the command again")
+    todo = runs_to_do(plan, sweep_dir, report)
+    if not todo:
+        return []
+    tasks = [SweepTask(str(sweep_dir.resolve()), run.name, options.max_requeues) for run in todo]
+    jobs, records = submit_array(tasks, options, sweep_dir / "slurm", f"diffmic-sweep-{sweep_dir.name}", parallelism)
+    for run, record in zip(todo, records):
+        run.status, run.error = "queued", ""
+        run.write_status(sweep_dir)
+        plan.jobs[run.name] = record
+    plan.save(sweep_dir)
+    return jobs
