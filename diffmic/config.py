@@ -158,6 +158,9 @@ class DataConfig(Section):
     shuffle_buffer: int = 1000  # training samples each loader worker holds to shuffle across shards
     # Cross-validation (`diffmic shard --folds K`): validate on fold i, train on the other folds; -1: none.
     fold: int = -1
+    # Class-balanced training stream: each sample repeated in proportion to 1 / its class's count in the
+    # manifest, so every class is drawn at the same rate; an epoch keeps its number of batches.
+    balanced_sampling: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ImageNet statistics: the trunks expect them, pretrained or not.
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

@@ -8,6 +8,8 @@ a pure function of (shards, config, batch size, seed, epoch, rank, world size, w
 logical worker g mod W, its augmentation from a generator seeded by g, so resuming at `start_batch=k`
 replays the same batches k.. and skips the earlier ones without decoding them.
 
+With `data.balanced_sampling` the train stream draws every class at the same rate (see `class_weights`).
+
 Eval: each rank reads a disjoint set of whole shards, each worker a disjoint subset of those, every sample
 once; no resampling, no padding, no collectives.
 """
@@ -31,7 +33,7 @@ from .images import augment_image, decode_image, preprocess_image
 from .manifest import CorruptShardError, Manifest, ManifestError, read_manifest, steps_per_epoch
 from .verify import check_shard_files, read_shard
 
-SAMPLE_STREAM, AUGMENT_STREAM = 0, 1
+SAMPLE_STREAM, AUGMENT_STREAM, BALANCE_STREAM = 0, 1, 2
 
 
 def _generator(*parts: int) -> np.random.Generator:
@@ -144,23 +146,59 @@ class TrainPlan:
     shuffle_buffer: int
     augment: AugmentConfig
     keep: frozenset[str] | None = None  # the samples of the shards it may use (cross-validation); None: all
+    # Expected copies of a sample of each class (data.balanced_sampling); None: every sample once.
+    class_weights: tuple[float, ...] | None = None
+
+
+def class_weights(class_counts: list[int]) -> tuple[float, ...]:
+    """Expected copies per read sample of each class so that every class present is drawn at the same
+    rate: w_c = N / (K n_c) with N samples and K classes present (0 for an absent class). The weights
+    average 1 over the samples read (sum_c n_c w_c = N), so the stream reads as many samples as it emits.
+
+    Why per-sample repetition and not another mechanism: the stream stays a pure function of its seed
+    (the copies come from a seeded generator of their own), keeps its sharding per rank and worker and its
+    shuffle buffer (copies enter the buffer like any sample and leave it spread out), and an epoch is still
+    `steps_per_epoch` batches, so schedules and checkpoints mean the same. Rejection alone (keep a sample with
+    probability n_min / n_c) would read 1 / (K share_min) samples per sample kept, about 12 on HAM10000's
+    shares; weighting the shard draw cannot help, since every shard mixes the classes."""
+    present = [count for count in class_counts if count > 0]
+    total = sum(present)
+    return tuple(total / (len(present) * count) if count > 0 else 0.0 for count in class_counts)
+
+
+def _copies(samples: Iterator[dict], weights: tuple[float, ...], rng: np.random.Generator) -> Iterator[dict]:
+    """Each sample floor(w) times, and once more with probability frac(w), w its class's weight."""
+    for sample in samples:
+        weight = weights[int(sample["cls"])]
+        whole = math.floor(weight)
+        for _ in range(whole + int(rng.random() < weight - whole)):
+            yield sample
+
+
+def _kept(plan: TrainPlan, rng: np.random.Generator) -> Iterator[dict]:
+    """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless."""
+    weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
+    while True:
+        for sample in read_shard(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
+            if plan.keep is None or sample["__key__"] in plan.keep:
+                yield sample
 
 
 def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
     """Undecoded samples of shards drawn with replacement, through a shuffle buffer; endless."""
     rng = _generator(plan.seed, plan.epoch, plan.rank, logical_worker, SAMPLE_STREAM)
-    weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
+    samples = _kept(plan, rng)
+    if plan.class_weights is not None:  # its own generator: the shard draws and the buffer stay as they were
+        samples = _copies(samples, plan.class_weights,
+                          _generator(plan.seed, plan.epoch, plan.rank, logical_worker, BALANCE_STREAM))
     buffer: list[dict] = []
-    while True:
-        for sample in read_shard(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
-            if plan.keep is not None and sample["__key__"] not in plan.keep:
-                continue
-            if len(buffer) < plan.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            position = int(rng.integers(len(buffer)))
-            yield buffer[position]
-            buffer[position] = sample
+    for sample in samples:
+        if len(buffer) < plan.shuffle_buffer:
+            buffer.append(sample)
+            continue
+        position = int(rng.integers(len(buffer)))
+        yield buffer[position]
+        buffer[position] = sample
 
 
 def augmented_batch(samples: list[dict], plan: TrainPlan, batch_index: int,
@@ -232,7 +270,10 @@ def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch:
                      counts=tuple(selection.counts), image_format=manifest.image_format,
                      batch_size=batch_size, steps=steps, start_batch=start_batch, workers=max(workers, 1),
                      seed=seed, epoch=epoch, rank=rank, shuffle_buffer=data.shuffle_buffer,
-                     augment=data.augment, keep=selection.keep)
+                     augment=data.augment, keep=selection.keep,
+                     # the train split's class counts: folds are stratified, so a fold selection has its shares
+                     class_weights=class_weights(list(manifest.split_info("train").class_counts.values()))
+                     if data.balanced_sampling else None)
     return TrainLoader(plan, workers, _normaliser(data))
 
 
