@@ -37,6 +37,18 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
     return requested
 
 
+def inference_precision(requested: str) -> str:
+    """An evaluation's precision as Accelerate names it ("bf16" or "no"): `requested` is "fp32", "bf16" or
+    "auto" (bf16 where the device has it natively). bf16 asked for without native support runs fp32, said once."""
+    if requested == "fp32":
+        return "no"
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
+    if requested == "bf16" and not native:
+        warnings.warn("--precision bf16 is not used: this device has no native bf16 (a CPU needs avx512_bf16 or "
+                      "AMX); evaluating in fp32", stacklevel=2)
+    return "bf16" if native else "no"
+
+
 def _single_process_environment() -> None:
     """DeepSpeed needs a process-group environment even for one process, or it tries MPI discovery."""
     if "RANK" not in os.environ:

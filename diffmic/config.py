@@ -319,6 +319,9 @@ class EvalConfig(Section):
     probability: Literal[PROBABILITY_RULES] = "positive_part"
     batch_size: int = 64
     use_ema: bool = True
+    # Inference precision: bf16 autocast, fp32, or auto (bf16 where the device has native bf16: a GPU with
+    # it, or a CPU with avx512_bf16/AMX; fp32 elsewhere).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def validate(self) -> None:
         _require(self.steps >= 1, "steps", f"got {self.steps}, expected at least 1")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..accelerator import make_accelerator
+from ..accelerator import inference_precision, make_accelerator
 from ..data import eval_loader, read_manifest
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
@@ -39,6 +39,11 @@ class EvalResult:
     out_dir: Path | None  # None on ranks other than 0
     metrics: dict
     predictions: SplitPredictions
+
+
+def precision_autocast(device: torch.device, precision: str):
+    """The autocast context factory of an inference precision ("bf16" or "no")."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalSettings | None):
@@ -81,7 +86,10 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
     check_shards_fit(manifest, info)
     expected_keys = manifest.split_info(split).keys
     # Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice.
-    accelerator = make_accelerator(config.train.mixed_precision)
+    precision = inference_precision(settings.precision)
+    # Autocast here rather than Accelerate's: its precision is fixed once per process, and one process may
+    # evaluate in fp32 and in bf16 (benchmarks/precision_agreement.py).
+    accelerator = make_accelerator("no")
     try:
         model.to(accelerator.device)
         model.check_values = accelerator.device.type == "cpu"
@@ -92,12 +100,13 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
         # Only this process's share is counted: the bar tracks rank 0's part of the split.
         with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
             local = predict_batches(model, loader, accelerator.device, config.train.seed, sampling, record_every,
-                                    accelerator.autocast, on_batch=bar.advance)
+                                    precision_autocast(accelerator.device, precision), on_batch=bar.advance)
         predictions = gather_predictions(local, accelerator)
         seconds = time.perf_counter() - started
         check_keys(predictions, expected_keys, split)
         predictions = predictions.reordered(expected_keys)
         metrics = _report(predictions, manifest.classes, info, manifest, split, settings, seconds)
+        metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
         out = None
         if accelerator.is_main_process:
             named = f"{split}-{checkpoint}-{sampling.sampler}{sampling.steps}"
@@ -221,6 +230,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
 
     info, model, settings = load_checkpoint_model(Path(run_dir), checkpoint, settings)
     config = info.config
+    autocast = precision_autocast(torch.device("cpu"), inference_precision(settings.precision))  # predict: CPU
     files = image_files(paths)
     transform = eval_transform(config.data)
     classes = info.classes
@@ -229,7 +239,8 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         chunk = files[start:start + batch_size]
         batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
                  "key": [str(path) for path in chunk]}
-        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, settings.sampling)
+        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, settings.sampling,
+                                 autocast=autocast)
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
