@@ -285,12 +285,13 @@ def submit_sweep(plan: SweepPlan, sweep_dir: Path, options, parallelism: int,
     Refused while an earlier array task of this sweep is still queued or running: it would run twice."""
     from .slurm import UNFINISHED, job_state, submit_array
 
-    busy = [name for name, record in plan.jobs.items() if job_state(record) in UNFINISHED]
+    todo = runs_to_do(plan, sweep_dir, report)
+    # Only an unfinished run's task matters (accounting may say RUNNING a moment after a task finished).
+    busy = [run.name for run in todo if run.name in plan.jobs and job_state(plan.jobs[run.name]) in UNFINISHED]
     if busy:
         raise SweepError(f"{len(busy)} run(s) of {sweep_dir} are still queued or running as Slurm jobs "
                          f"({', '.join(plan.jobs[name]['job_id'] for name in busy[:4])}); wait for them "
                          f"(diffmic status {sweep_dir}) and run the command again")
-    todo = runs_to_do(plan, sweep_dir, report)
     if not todo:
         return []
     tasks = [SweepTask(str(sweep_dir.resolve()), run.name, options.max_requeues) for run in todo]
