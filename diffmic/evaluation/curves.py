@@ -91,7 +91,7 @@ def _draw_validation(axes, validation: Sequence[dict]) -> None:
     best = [row for row in validation if row.get("best")]
     if best:
         axes.axvline(best[-1]["step"], color="0.5", linewidth=0.8, linestyle=":", label="best checkpoint")
-    axes.set_title(f"validation on the {split} split" if drawn else "validation: none yet")
+    axes.set_title(f"validation on the {split} split" if drawn else "validation: none logged (yet, or train.val_every=0)")
 
 
 def _draw_throughput(axes, train: Sequence[dict]) -> None:

@@ -191,7 +191,8 @@ def plot_reliability(labels: Any, probs_by_model: dict[str, Any], path: str | os
                  label="accuracy")
         gap_low = np.minimum(found.accuracy[filled], found.confidence[filled])
         axes.bar(centres[filled], np.abs(found.accuracy[filled] - found.confidence[filled]), bottom=gap_low,
-                 width=width, color="#dd8452", alpha=0.45, edgecolor="#dd8452", label="gap to confidence")
+                 width=width, fill=False, hatch="///", edgecolor="#c44e52", linewidth=0.8,
+                 label="gap to confidence")  # hatched, not tinted: over an accuracy bar a tint changes its colour
         axes.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="perfect calibration")
         for centre, accuracy, count in zip(centres[filled], found.accuracy[filled], found.counts[filled]):
             axes.text(centre, min(accuracy, 0.93) + 0.02, str(int(count)), ha="center", va="bottom", fontsize=7,
