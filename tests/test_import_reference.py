@@ -201,7 +201,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def test_eval_of_the_import_matches_the_weights_loaded_directly(imported, authors_states, small_shards, tmp_path):
     out = tmp_path / "eval"
-    result = diffmic_here(["eval", "--run", str(imported), "--out", str(out), "--no-progress"])
+    # fp32, as the direct computation: the comparison is of weights, not of precisions
+    result = diffmic_here(["eval", "--run", str(imported), "--out", str(out), "--no-progress", "--precision", "fp32"])
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "metrics.json").read_text())["ema"] is True  # the authors' EMA, by default
     rows = read_rows(out / "predictions.csv")
@@ -222,7 +223,7 @@ def test_predict_without_ema_matches_the_raw_weights(imported, authors_states, t
         Image.fromarray(np.full((40, 48, 3), 60 * index, dtype=np.uint8)).save(files[-1])
     out = tmp_path / "predicted.csv"
     result = diffmic_here(["predict", "--run", str(imported), "--checkpoint", "last", "--no-ema", "--out", str(out),
-                           *map(str, files)])
+                           "--precision", "fp32", *map(str, files)])
     assert result.returncode == 0, result.stderr
     model, config = directly_loaded_model(authors_states, False, tmp_path / "direct")
     batch = {"image": load_images(files, eval_transform(config.data)), "label": torch.zeros(3, dtype=torch.long),
