@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# A single-node Slurm cluster with real accounting, for CI machines and local test runs.
+# A one- or two-node Slurm cluster with real accounting, for CI machines and local test runs.
 #
 #   bash .ci/slurm-cluster.sh up            install (apt) if needed, configure for this host, start, wait
-#   bash .ci/slurm-cluster.sh down          cancel jobs, stop every daemon by its pid file
-#   bash .ci/slurm-cluster.sh status        sinfo + accounting check; exit 0 only if jobs can run
+#   SLURM_CI_NODES=2 bash .ci/slurm-cluster.sh up
+#                                           the same with two compute nodes (see "Two nodes" below)
+#   bash .ci/slurm-cluster.sh down          cancel jobs, stop every daemon by its pid file, remove the
+#                                           two-node network (namespaces, veths, bridge, /etc/hosts lines)
+#   bash .ci/slurm-cluster.sh status        sinfo + accounting check; exit 0 only if every node of the
+#                                           partition can take jobs
 #   bash .ci/slurm-cluster.sh release JOBID make a requeued job eligible to start now
+#   bash .ci/slurm-cluster.sh kill-node N   (two nodes) SIGKILL every process of node N's namespace: its
+#                                           slurmd, slurmstepd and job tasks, as if the host died
+#   bash .ci/slurm-cluster.sh revive-node N (two nodes) start node N's slurmd again and resume the node
 #
 # Needs root, Debian/Ubuntu (apt) and no systemd: every daemon is started by hand and tracked by
 # its pid file. Daemons: munged, mariadbd (local socket only, no TCP), slurmdbd, slurmctld, slurmd.
@@ -21,15 +28,41 @@
 # killed by SIGKILL. `release JOBID` runs `scontrol update JobId=JOBID StartTime=now`, which makes
 # a requeued job eligible at once; tests that exercise preemption can call it instead of waiting.
 #
+# Two nodes (SLURM_CI_NODES=2): slurmctld, slurmdbd, MariaDB and munged stay in this (the root)
+# network namespace; each compute node's slurmd runs in a network namespace of its own
+# (`ip netns` slurmci-n1, slurmci-n2) and a UTS namespace whose hostname is the node's name
+# (ci-node1, ci-node2), so every process of a job step sees its own host name and address. Each
+# namespace has one end of a veth pair (eth0 there, slurmci-h<N> here); the root ends are ports of
+# the bridge slurmci0, which holds $SUBNET.1, the controller's address as the nodes see it.
+# Node N is $SUBNET.(10+N). The node names are added to /etc/hosts between two marker lines (the
+# file is shared by every namespace), so Slurm, submitit (MASTER_ADDR is the first node's name) and
+# gloo resolve them anywhere. munged's socket is a file, reachable from every namespace. Each node
+# declares all of this machine's CPUs (oversubscribed: a one-node 2-task job still fits on either).
+# The script creates and removes only these namespaces, links, addresses and lines.
+#
 # Environment overrides: SLURM_CI_CLUSTER (cluster name, default "ci"),
 # SLURM_CI_PARTITION (default "debug"), SLURM_CI_UP_TIMEOUT (seconds to wait for readiness, 90),
-# SLURM_CI_CRED_EXPIRE (job credential lifetime = requeue hold, seconds, >= 5; default 30).
+# SLURM_CI_CRED_EXPIRE (job credential lifetime = requeue hold, seconds, >= 5; default 30),
+# SLURM_CI_NODES (compute nodes, 1 or 2; default 1), SLURM_CI_SUBNET (first three octets of the
+# two-node network, default 10.77.77), SLURM_CI_NODE_PREFIX (node names, default "ci-node").
 set -euo pipefail
 
 CLUSTER=${SLURM_CI_CLUSTER:-ci}
 PARTITION=${SLURM_CI_PARTITION:-debug}
 UP_TIMEOUT=${SLURM_CI_UP_TIMEOUT:-90}
 CRED_EXPIRE=${SLURM_CI_CRED_EXPIRE:-30}
+NODES=${SLURM_CI_NODES:-1}
+SUBNET=${SLURM_CI_SUBNET:-10.77.77}
+NODE_PREFIX=${SLURM_CI_NODE_PREFIX:-ci-node}
+[[ $NODES == 1 || $NODES == 2 ]] || { echo "SLURM_CI_NODES must be 1 or 2, not '$NODES'" >&2; exit 2; }
+[[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || { echo "SLURM_CI_SUBNET must be three octets (a.b.c)" >&2; exit 2; }
+# Every name the two-node mode creates (also what `down` removes, whatever mode is up).
+MAX_NODES=2
+BRIDGE=slurmci0
+NETNS_PREFIX=slurmci-n
+VETH_PREFIX=slurmci-h
+HOSTS_BEGIN="# BEGIN slurm-ci nodes (.ci/slurm-cluster.sh)"
+HOSTS_END="# END slurm-ci nodes (.ci/slurm-cluster.sh)"
 
 CONF_DIR=/etc/slurm
 SLURM_CONF=$CONF_DIR/slurm.conf
@@ -39,6 +72,10 @@ CTLD_SPOOL=/var/spool/slurmctld
 SLURMD_SPOOL=/var/spool/slurmd
 CTLD_PID=/run/slurmctld.pid
 SLURMD_PID=/run/slurmd.pid
+# Two-node mode: per-node slurmd files (%n is the node name in slurm.conf).
+NODE_SLURMD_PID=/run/slurmd-%n.pid
+NODE_SLURMD_SPOOL=/var/spool/slurmd-%n
+NODE_SLURMD_LOG=$LOG_DIR/slurmd-%n.log
 DBD_PID=/run/slurmdbd.pid
 MUNGE_PID=/run/munge/munged.pid
 MUNGE_KEY=/etc/munge/munge.key
@@ -173,12 +210,33 @@ write_configs() {
     # Declare a little less memory than the kernel reports so slurmd never finds "low RealMemory".
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)
 
+    # One node: this host's slurmd on 127.0.0.1. Two nodes: one slurmd per network namespace; the
+    # controller is reached on the bridge's address, and the slurmd files are per node (%n).
+    local ctld_addr=127.0.0.1 slurmd_pid=$SLURMD_PID slurmd_spool=$SLURMD_SPOOL slurmd_log=$LOG_DIR/slurmd.log
+    local node_lines partition_nodes i kind=single-node
+    if ((NODES == 1)); then
+        node_lines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+        partition_nodes=$HOST
+    else
+        kind=$NODES-node
+        ctld_addr=$SUBNET.1
+        slurmd_pid=$NODE_SLURMD_PID slurmd_spool=$NODE_SLURMD_SPOOL slurmd_log=$NODE_SLURMD_LOG
+        mem_mb=$((mem_mb / NODES))
+        node_lines=""
+        for ((i = 1; i <= NODES; i++)); do
+            node_lines+="NodeName=$(node_name "$i") NodeHostname=$(node_name "$i") NodeAddr=$(node_addr "$i")"
+            node_lines+=" CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+        done
+        node_lines=${node_lines%$'\n'}
+        partition_nodes="${NODE_PREFIX}[1-$NODES]"
+    fi
+
     local conf
     conf=$(
         cat <<EOF
-# Written by .ci/slurm-cluster.sh for host $HOST: single-node test cluster, no cgroups.
+# Written by .ci/slurm-cluster.sh for host $HOST: $kind test cluster, no cgroups.
 ClusterName=$CLUSTER
-SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldHost=$HOST($ctld_addr)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -201,11 +259,11 @@ MailProg=/bin/true
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$CTLD_SPOOL
-SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmdSpoolDir=$slurmd_spool
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$slurmd_pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$slurmd_log
 SlurmctldDebug=info
 SlurmdDebug=info
 # Trust the declared CPUs/memory even if hardware detection inside a VM/container disagrees.
@@ -221,13 +279,13 @@ SlurmdTimeout=60
 InactiveLimit=0
 KillWait=10
 MinJobAge=300
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=$PARTITION Nodes=$partition_nodes Default=YES MaxTime=INFINITE State=UP
 EOF
     )
     if install_if_changed "$SLURM_CONF" "$conf" 644; then
         SLURM_CONF_CHANGED=1
-        log "wrote $SLURM_CONF (CPUs=$cpus RealMemory=${mem_mb}MB)"
+        log "wrote $SLURM_CONF ($NODES node(s), CPUs=$cpus RealMemory=${mem_mb}MB each)"
     fi
 
     # The database password is generated once and kept in slurmdbd.conf (mode 600).
@@ -258,6 +316,151 @@ EOF
         log "wrote $DBD_CONF"
     fi
     chown root:root "$DBD_CONF"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Two-node mode: node N is slurmd in network namespace slurmci-nN (UTS namespace with hostname
+# ci-nodeN), reached over a veth pair whose root end is a port of the bridge slurmci0.
+node_name() { echo "$NODE_PREFIX$1"; }
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+node_netns() { echo "$NETNS_PREFIX$1"; }
+node_pidfile() { local f=${NODE_SLURMD_PID//%n/$(node_name "$1")}; echo "$f"; }
+netns_exists() { [[ -e /run/netns/$1 ]]; }
+link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
+
+# The /etc/hosts file without our block (it may be a bind mount: rewrite it in place, never replace it).
+hosts_without_block() {
+    awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1; next} $0 == e {skip = 0; next} !skip' /etc/hosts
+}
+
+hosts_add() {
+    local content i
+    content=$(hosts_without_block)
+    content+=$'\n'"$HOSTS_BEGIN"
+    for ((i = 1; i <= NODES; i++)); do
+        content+=$'\n'"$(node_addr "$i") $(node_name "$i")"
+    done
+    content+=$'\n'"$HOSTS_END"
+    if [[ $content != "$(cat /etc/hosts)" ]]; then
+        printf '%s\n' "$content" >/etc/hosts
+        log "added the node names to /etc/hosts"
+    fi
+}
+
+hosts_remove() {
+    grep -qxF "$HOSTS_BEGIN" /etc/hosts 2>/dev/null || return 0
+    local content
+    content=$(hosts_without_block)
+    printf '%s\n' "$content" >/etc/hosts
+    log "removed the node names from /etc/hosts"
+}
+
+net_up() {
+    command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter >/dev/null ||
+        die "two nodes need ip (iproute2), unshare and nsenter"
+    # The subnet must be ours alone: refuse if an interface that is not our bridge already uses it.
+    local other
+    other=$(ip -o -4 addr show | awk -v p="$SUBNET." -v br="$BRIDGE" '$2 != br && index($4, p) == 1 {print $2}')
+    [[ -z $other ]] || die "subnet $SUBNET.0/24 is already used by interface(s) $other: set SLURM_CI_SUBNET"
+    if ! link_exists "$BRIDGE"; then
+        ip link add "$BRIDGE" type bridge
+        log "created bridge $BRIDGE"
+    fi
+    ip addr replace "$SUBNET.1/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    local i ns veth
+    for ((i = 1; i <= NODES; i++)); do
+        ns=$(node_netns "$i") veth=$VETH_PREFIX$i
+        if ! netns_exists "$ns"; then
+            ip netns add "$ns"
+            log "created network namespace $ns"
+        fi
+        if ! link_exists "$veth"; then
+            ip netns exec "$ns" ip link del eth0 >/dev/null 2>&1 || true
+            ip link add "$veth" type veth peer name eth0 netns "$ns"
+            log "created veth $veth <-> $ns:eth0"
+        fi
+        ip link set "$veth" master "$BRIDGE"
+        ip link set "$veth" up
+        ip netns exec "$ns" ip link set lo up
+        ip netns exec "$ns" ip addr replace "$(node_addr "$i")/24" dev eth0
+        ip netns exec "$ns" ip link set eth0 up
+    done
+    hosts_add
+}
+
+# Each node's namespace must reach slurmctld (on the bridge's address) by TCP.
+check_nodes_reach_controller() {
+    local i
+    for ((i = 1; i <= NODES; i++)); do
+        wait_for 10 "$(node_name "$i") -> $SUBNET.1:6817" ip netns exec "$(node_netns "$i")" \
+            timeout 3 bash -c "exec 3<>/dev/tcp/$SUBNET.1/6817" ||
+            die "node $(node_name "$i") cannot reach slurmctld at $SUBNET.1:6817 over $BRIDGE"
+    done
+}
+
+# Removes whatever the two-node mode left, whichever mode is configured now.
+net_down() {
+    local i ns pids
+    for ((i = 1; i <= MAX_NODES; i++)); do
+        ns=$(node_netns "$i")
+        netns_exists "$ns" || continue
+        # Only job processes whose slurmd was stopped can be left here; they are this node's.
+        pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+        if [[ -n ${pids// /} ]]; then
+            log "stopping processes left in $ns: $pids"
+            # shellcheck disable=SC2086
+            kill -TERM $pids 2>/dev/null || true
+            sleep 2
+            pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+            # shellcheck disable=SC2086
+            [[ -z ${pids// /} ]] || kill -KILL $pids 2>/dev/null || true
+        fi
+        ip netns del "$ns"
+        log "removed network namespace $ns"
+    done
+    for ((i = 1; i <= MAX_NODES; i++)); do
+        link_exists "$VETH_PREFIX$i" && ip link del "$VETH_PREFIX$i" && log "removed veth $VETH_PREFIX$i"
+    done
+    if link_exists "$BRIDGE"; then
+        ip link del "$BRIDGE"
+        log "removed bridge $BRIDGE"
+    fi
+    hosts_remove
+}
+
+# Starts node N's slurmd in its namespaces: the network namespace, and a new UTS namespace whose
+# hostname is the node's name (slurmd finds its NodeName from it; job steps inherit both).
+start_node_slurmd() {
+    local i=$1 name pidfile
+    name=$(node_name "$i")
+    pidfile=$(node_pidfile "$i")
+    if pid_alive "$pidfile" slurmd; then
+        log "slurmd of $name already running"
+        return 0
+    fi
+    rm -f "$pidfile"
+    mkdir -p "${NODE_SLURMD_SPOOL//%n/$name}"
+    nsenter --net="/run/netns/$(node_netns "$i")" -- unshare --uts -- \
+        /bin/sh -c 'hostname "$1" && exec /usr/sbin/slurmd' sh "$name"
+    log "started slurmd of $name ($(node_addr "$i"), namespace $(node_netns "$i"))"
+}
+
+stop_node_slurmds() {
+    local i
+    for ((i = 1; i <= MAX_NODES; i++)); do
+        stop_by_pidfile "$(node_pidfile "$i")" slurmd
+    done
+}
+
+# The nodes the configuration defines: this host, or ci-node1..N.
+configured_nodes() {
+    local i
+    if ((NODES == 1)); then
+        echo "$HOST"
+    else
+        for ((i = 1; i <= NODES; i++)); do node_name "$i"; done
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +550,16 @@ start_slurm() {
     if ((SLURM_CONF_CHANGED)); then
         # A changed node/partition definition needs a restart, not just `scontrol reconfigure`.
         pid_alive "$SLURMD_PID" slurmd && stop_by_pidfile "$SLURMD_PID" slurmd
+        stop_node_slurmds
         pid_alive "$CTLD_PID" slurmctld && stop_by_pidfile "$CTLD_PID" slurmctld
+    fi
+    if ((NODES == 1)); then
+        # Switching back from two nodes: their slurmds and network go.
+        stop_node_slurmds
+        net_down
+    else
+        pid_alive "$SLURMD_PID" slurmd && stop_by_pidfile "$SLURMD_PID" slurmd
+        net_up
     fi
     if pid_alive "$CTLD_PID" slurmctld; then
         log "slurmctld already running"
@@ -358,7 +570,11 @@ start_slurm() {
     fi
     wait_daemon 30 "$CTLD_PID" slurmctld scontrol ping ||
         { tail -n 20 "$LOG_DIR/slurmctld.log" >&2; die "slurmctld does not answer (scontrol ping)"; }
-    if pid_alive "$SLURMD_PID" slurmd; then
+    if ((NODES > 1)); then
+        check_nodes_reach_controller
+        local i
+        for ((i = 1; i <= NODES; i++)); do start_node_slurmd "$i"; done
+    elif pid_alive "$SLURMD_PID" slurmd; then
         log "slurmd already running"
     else
         rm -f "$SLURMD_PID"
@@ -367,8 +583,14 @@ start_slurm() {
     fi
 }
 
-node_state() { sinfo -h -n "$HOST" -o '%T' 2>/dev/null | head -n 1; }
-node_usable() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_state() { sinfo -h -n "${1:-$HOST}" -o '%T' 2>/dev/null | head -n 1; }
+node_usable() { [[ $(node_state "${1:-$HOST}") =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_slurmd_alive() { # node
+    if [[ $1 == "$HOST" ]]; then pid_alive "$SLURMD_PID" slurmd; else pid_alive "${NODE_SLURMD_PID//%n/$1}" slurmd; fi
+}
+node_slurmd_log() { # node
+    if [[ $1 == "$HOST" ]]; then echo "$LOG_DIR/slurmd.log"; else echo "${NODE_SLURMD_LOG//%n/$1}"; fi
+}
 # slurmctld has registered with slurmdbd once the cluster row has a control host.
 accounting_ok() {
     sacct -n -X -S now-1minutes >/dev/null 2>&1 &&
@@ -376,28 +598,34 @@ accounting_ok() {
 }
 
 wait_ready() {
-    local started deadline state resumed=0
+    local started deadline state node all_usable
+    local -A resumed=()
     started=$(date +%s)
     deadline=$((started + UP_TIMEOUT))
     while :; do
-        state=$(node_state)
-        if [[ $state =~ ^(down|drain|drained|draining|fail)[*~#$@+^-]*$ ]] && ((!resumed)); then
-            # A node left down/drained by an earlier run (e.g. killed slurmd) is ours to resume.
-            scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true
-            resumed=1
-            log "node was '$state': resumed it"
-        fi
-        if node_usable && accounting_ok; then
+        all_usable=1
+        for node in $(configured_nodes); do
+            state=$(node_state "$node")
+            if [[ $state =~ ^(down|drain|drained|draining|fail)[*~#$@+^-]*$ ]] && [[ -z ${resumed[$node]:-} ]]; then
+                # A node left down/drained by an earlier run (e.g. killed slurmd) is ours to resume.
+                scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+                resumed[$node]=1
+                log "node $node was '$state': resumed it"
+            fi
+            node_usable "$node" || all_usable=0
+            if (($(date +%s) - started >= 5)) && ! node_slurmd_alive "$node"; then
+                tail -n 15 "$(node_slurmd_log "$node")" >&2 || true
+                die "slurmd of $node is not running"
+            fi
+        done
+        if ((all_usable)) && accounting_ok; then
             return 0
-        fi
-        if (($(date +%s) - started >= 5)) && ! pid_alive "$SLURMD_PID" slurmd; then
-            tail -n 15 "$LOG_DIR/slurmd.log" >&2 || true
-            die "slurmd is not running"
         fi
         if (($(date +%s) >= deadline)); then
             sinfo -N -l >&2 || true
-            tail -n 15 "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" >&2 || true
-            die "cluster not ready after ${UP_TIMEOUT}s (node state '${state:-?}')"
+            tail -n 15 "$LOG_DIR/slurmctld.log" >&2 || true
+            for node in $(configured_nodes); do tail -n 15 "$(node_slurmd_log "$node")" >&2 || true; done
+            die "cluster not ready after ${UP_TIMEOUT}s (node states: $(sinfo -h -N -o '%N=%T' 2>/dev/null | tr '\n' ' '))"
         fi
         sleep 0.5
     done
@@ -412,11 +640,19 @@ cmd_up() {
     start_slurmdbd
     start_slurm
     wait_ready
-    local cpus mem
-    cpus=$(sinfo -h -n "$HOST" -o '%c')
-    mem=$(sinfo -h -n "$HOST" -o '%m')
-    echo "slurm-cluster: UP cluster=$CLUSTER node=$HOST state=$(node_state) cpus=$cpus mem=${mem}MB" \
-        "partition=$PARTITION accounting=ok in $(($(date +%s) - T0))s"
+    local cpus mem node
+    for node in $(configured_nodes); do
+        cpus=$(sinfo -h -n "$node" -o '%c')
+        mem=$(sinfo -h -n "$node" -o '%m')
+        if ((NODES == 1)); then
+            echo "slurm-cluster: UP cluster=$CLUSTER node=$HOST state=$(node_state) cpus=$cpus mem=${mem}MB" \
+                "partition=$PARTITION accounting=ok in $(($(date +%s) - T0))s"
+        else
+            echo "slurm-cluster: UP cluster=$CLUSTER node=$node addr=$(getent hosts "$node" | awk '{print $1}')" \
+                "state=$(node_state "$node") cpus=$cpus mem=${mem}MB partition=$PARTITION accounting=ok" \
+                "in $(($(date +%s) - T0))s"
+        fi
+    done
 }
 
 cmd_down() {
@@ -436,6 +672,8 @@ cmd_down() {
         fi
     fi
     stop_by_pidfile "$SLURMD_PID" slurmd
+    stop_node_slurmds
+    net_down
     stop_by_pidfile "$CTLD_PID" slurmctld
     stop_by_pidfile "$DBD_PID" slurmdbd
     stop_by_pidfile "$DB_PID" mariadbd 60
@@ -462,9 +700,19 @@ cmd_status() {
         echo "slurmctld: not responding"
         ok=1
     fi
-    if ((ok == 0)) && ! node_usable; then
-        echo "node $HOST: not usable (state '$(node_state)')"
-        ok=1
+    if ((ok == 0)); then
+        # Every node of the partition (this host, or ci-node1 and ci-node2) must take jobs.
+        local nodes node
+        nodes=$(sinfo -h -N -p "$PARTITION" -o '%N' 2>/dev/null | sort -u)
+        [[ -n $nodes ]] || { echo "partition $PARTITION: no nodes"; ok=1; }
+        for node in $nodes; do
+            if node_usable "$node"; then
+                echo "node $node: usable (state '$(node_state "$node")'$(node_where "$node"))"
+            else
+                echo "node $node: not usable (state '$(node_state "$node")')"
+                ok=1
+            fi
+        done
     fi
     if accounting_ok; then
         echo "accounting: ok (sacct works, cluster '$CLUSTER' registered)"
@@ -481,13 +729,55 @@ cmd_release() {
     echo "released job $job (StartTime=now)"
 }
 
+# Where a two-node mode node lives (its address and namespace); nothing for this host.
+node_where() {
+    local i
+    for ((i = 1; i <= MAX_NODES; i++)); do
+        if [[ $1 == "$(node_name "$i")" ]]; then
+            echo ", address $(getent hosts "$1" | awk '{print $1}'), namespace $(node_netns "$i")"
+        fi
+    done
+}
+
+node_index() { # N -> checked N of a two-node mode node
+    local i=${1:?usage: slurm-cluster.sh kill-node|revive-node N}
+    [[ $i =~ ^[1-9]$ ]] && ((i <= MAX_NODES)) && netns_exists "$(node_netns "$i")" ||
+        die "node $i: no such node (is the two-node cluster up?)"
+    echo "$i"
+}
+
+# Simulates a dead host: every process in node N's network namespace (its slurmd, slurmstepd and
+# job tasks) gets SIGKILL. The namespace itself stays, so `revive-node N` can start it again.
+cmd_kill_node() {
+    local i pids
+    i=$(node_index "${1:-}")
+    pids=$(ip netns pids "$(node_netns "$i")" | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    [[ -z ${pids// /} ]] || kill -KILL $pids 2>/dev/null || true
+    rm -f "$(node_pidfile "$i")"
+    echo "killed node $(node_name "$i"): pids ${pids:-none}"
+}
+
+cmd_revive_node() {
+    local i name
+    i=$(node_index "${1:-}")
+    name=$(node_name "$i")
+    NODES=$MAX_NODES start_node_slurmd "$i"
+    wait_for 30 "slurmd of $name" node_slurmd_alive "$name" || die "slurmd of $name did not start"
+    scontrol update NodeName="$name" State=RESUME >/dev/null 2>&1 || true
+    wait_for 60 "$name usable" node_usable "$name" || die "node $name not usable: $(node_state "$name")"
+    echo "revived node $name ($(node_state "$name"))"
+}
+
 case ${1:-} in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
 release) shift; cmd_release "$@" ;;
+kill-node) shift; cmd_kill_node "$@" ;;
+revive-node) shift; cmd_revive_node "$@" ;;
 *)
-    echo "usage: $0 {up|down|status|release JOBID}" >&2
+    echo "usage: $0 {up|down|status|release JOBID|kill-node N|revive-node N}" >&2
     exit 2
     ;;
 esac

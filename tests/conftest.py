@@ -77,6 +77,17 @@ def slurm_cluster() -> SlurmClusterInfo:
     return info
 
 
+@pytest.fixture(scope="session")
+def slurm_training(slurm_cluster, digits_shards, tmp_path_factory):
+    """A 2-task single-node `diffmic train --slurm` job (test_slurm_jobs.train_job), trained once a session: the
+    one-node tests check it, and the two-node tests compare their job with it."""
+    from test_slurm_jobs import train_job
+
+    run_dir = tmp_path_factory.mktemp("slurm") / "run"
+    train_job(run_dir, digits_shards, "--wait")
+    return run_dir
+
+
 # Session fixtures shared by the engine, evaluation and Slurm tests (defined once, here, so a session
 # trains the tiny run and shards digits only once).
 from engine_helpers import digits_shards, tiny_run  # noqa: E402,F401

@@ -52,11 +52,8 @@ def wait_until(condition, timeout: float = 600, poll: float = 1.0) -> None:
         time.sleep(poll)
 
 
-@pytest.fixture(scope="module")
-def slurm_training(slurm_cluster, digits_shards, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("slurm") / "run"
-    train_job(run_dir, digits_shards, "--wait")
-    return run_dir
+# `slurm_training` (conftest.py): the 2-task single-node training job of `train_job`, shared by this module and
+# test_slurm_two_nodes.py.
 
 
 @pytest.mark.slurm
