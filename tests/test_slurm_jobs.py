@@ -4,6 +4,7 @@ plus the paths that need no cluster (--local, --dry-run, no sbatch)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,13 +17,15 @@ from engine_helpers import REPO, TINY, diffmic, diffmic_here
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 CPU_JOB = ["--gpus", "0", "--tasks-per-node", "2", "--time", "00:15:00"]
+# The same two CPU tasks, one on each host of a two-node cluster (SLURM_CI_NODES=2, test_slurm_two_nodes.py).
+TWO_NODE_JOB = ["--nodes", "2", "--gpus", "0", "--tasks-per-node", "1", "--time", "00:15:00"]
 pytestmark = pytest.mark.timeout(900)
 
 
 # No warm-up and 8 joint steps of 2 x 8 images (an epoch is 27): long enough to preempt mid-run (it is
 # sent after the first logged step), short enough for CI, where the two tasks share two cores.
 SLURM_STEPS = 8
-PREEMPT_STEPS = 40
+PREEMPT_STEPS = 20
 SLURM_TRAINING = TINY + ["train.dcg_warmup_epochs=0", f"train.max_steps={SLURM_STEPS}", "train.batch_size=8"]
 
 
@@ -30,9 +33,10 @@ def overrides(*extra: str) -> list[str]:
     return [item for override in SLURM_TRAINING + list(extra) for item in ("--set", override)]
 
 
-def train_job(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=()) -> subprocess.CompletedProcess:
+def train_job(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=(),
+              job: list[str] = CPU_JOB) -> subprocess.CompletedProcess:
     return diffmic(["train", "--config", CONFIG, "--shards", str(shards), "--run-dir", str(run_dir), "--slurm",
-                    "--partition", "debug", *CPU_JOB, *extra_args, *overrides(*extra_overrides)], check=check)
+                    "--partition", "debug", *job, *extra_args, *overrides(*extra_overrides)], check=check)
 
 
 def record(run_dir: Path, kind: str = "train") -> dict:
@@ -43,6 +47,18 @@ def job_state(entry: dict) -> str:
     from diffmic.launch.slurm import job_state as state
 
     return state(entry)
+
+
+def rank_hosts(entry: dict, job_id: str | None = None) -> dict[int, str]:
+    """{global rank: hostname} from the line submitit logs as each task starts
+    ("Starting with JobEnvironment(job_id=..., hostname=ci-node1, local_rank=0(1), node=0(2), global_rank=0(2))")."""
+    hosts = {}
+    for path in Path(entry["log_dir"]).glob(f"{job_id or entry['job_id']}_*_log.*"):
+        for line in path.read_text(errors="replace").splitlines():
+            found = re.search(r"Starting with JobEnvironment\(.*hostname=([^,]+),.*global_rank=(\d+)\(", line)
+            if found:
+                hosts[int(found.group(2))] = found.group(1)
+    return hosts
 
 
 def wait_until(condition, timeout: float = 600, poll: float = 1.0) -> None:
@@ -86,15 +102,19 @@ def test_slurm_eval_gives_the_same_predictions_as_a_local_eval(slurm_training, t
 def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cluster, digits_shards, tmp_path):
     import submitit
 
+    # On a two-node cluster (CI) the job's two tasks run on two hosts, so the requeued job must gather both
+    # hosts again and resume across them; on one node they share it. One test: the same run either way.
+    two_hosts = len(slurm_cluster.nodes) >= 2
     run_dir = tmp_path / "run"
-    # Longer than the fixture's run, so the preemption lands mid-run even on a slow machine; two epochs
-    # (an epoch is 27 steps) so that max_steps, not the end of the data, is where it stops.
-    train_job(run_dir, digits_shards, extra_overrides=["train.epochs=2", f"train.max_steps={PREEMPT_STEPS}"])
+    # Longer than the fixture's run, so the preemption (sent at the first logged step) lands mid-run even on a
+    # slow machine; two epochs (an epoch is 27 steps) so that max_steps, not the end of the data, stops it.
+    train_job(run_dir, digits_shards, extra_overrides=["train.epochs=2", f"train.max_steps={PREEMPT_STEPS}"],
+              job=TWO_NODE_JOB if two_hosts else CPU_JOB)
     entry = record(run_dir)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and any('"joint"' in line for line in metrics.read_text().splitlines()))
     job = submitit.SlurmJob(folder=entry["folder"] + "/%j", job_id=entry["job_id"])
-    job._interrupt()  # SIGTERM + SIGUSR2, as a preemption
+    job._interrupt()  # SIGTERM + SIGUSR2 to every task (on every node), as a preemption
     # A requeued job is held for a while; release it so the test does not wait for the hold.
     wait_until(lambda: job_state(entry) in {"PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETED"}, poll=0.5)
     assert job_state(entry) != "COMPLETED", "the job finished before the preemption reached it"
@@ -108,6 +128,8 @@ def test_a_preempted_job_is_requeued_and_ends_at_the_uninterrupted_step(slurm_cl
     rank0_logs = "".join(path.read_text() for path in Path(entry["log_dir"]).glob(f"{entry['job_id']}_0_log.*"))
     assert "resumed from" in rank0_logs  # the requeued job continued from the checkpoint saved on the signal
     assert ckpt.find_checkpoint(run_dir, "last").step == PREEMPT_STEPS  # where the uninterrupted run ends
+    if two_hosts:  # the resumed attempt (the last "Starting with" line of each rank) ran on two hosts again
+        assert len(set(rank_hosts(entry).values())) == 2
 
 
 @pytest.mark.slurm

@@ -1,7 +1,8 @@
 """`diffmic train --slurm --nodes 2` and `diffmic eval --slurm --nodes 2` on a real two-node cluster:
 `SLURM_CI_NODES=2 bash .ci/slurm-cluster.sh up` runs each node's slurmd in its own network and UTS
 namespace (ci-node1, ci-node2, each with its own address), so the two tasks of a job run on two hosts
-and torch.distributed (gloo) connects across them.
+and torch.distributed (gloo) connects across them. On such a cluster test_slurm_jobs.py's preemption test
+runs its job across the two hosts too (a requeue gathers both again).
 
 Skipped when the cluster has fewer than two usable nodes; under CI=true with SLURM_CI_NODES=2 (what
 .ci/run sets) that is a failure instead.
@@ -20,9 +21,9 @@ import pytest
 
 from diffmic import checkpoint as ckpt
 from engine_helpers import REPO, diffmic
-from test_slurm_jobs import CONFIG, PREEMPT_STEPS, SLURM_STEPS, job_state, overrides, record, wait_until
+from test_slurm_jobs import (PREEMPT_STEPS, SLURM_STEPS, TWO_NODE_JOB, job_state, rank_hosts, record, train_job,
+                             wait_until)
 
-TWO_NODE_JOB = ["--nodes", "2", "--gpus", "0", "--tasks-per-node", "1", "--time", "00:15:00"]
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
@@ -39,20 +40,7 @@ def two_nodes(slurm_cluster) -> tuple[str, ...]:
 
 
 def two_node_train(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=()):
-    return diffmic(["train", "--config", CONFIG, "--shards", str(shards), "--run-dir", str(run_dir), "--slurm",
-                    "--partition", "debug", *TWO_NODE_JOB, *extra_args, *overrides(*extra_overrides)], check=check)
-
-
-def rank_hosts(entry: dict, job_id: str | None = None) -> dict[int, str]:
-    """{global rank: hostname} from the line submitit logs as each task starts
-    ("Starting with JobEnvironment(job_id=..., hostname=ci-node1, local_rank=0(1), node=0(2), global_rank=0(2))")."""
-    hosts = {}
-    for path in Path(entry["log_dir"]).glob(f"{job_id or entry['job_id']}_*_log.*"):
-        for line in path.read_text(errors="replace").splitlines():
-            found = re.search(r"Starting with JobEnvironment\(.*hostname=([^,]+),.*global_rank=(\d+)\(", line)
-            if found:
-                hosts[int(found.group(2))] = found.group(1)
-    return hosts
+    return train_job(run_dir, shards, *extra_args, check=check, extra_overrides=extra_overrides, job=TWO_NODE_JOB)
 
 
 def loss_rows(run_dir: Path) -> list[tuple[int, float]]:
@@ -106,31 +94,6 @@ def test_two_node_eval_gives_the_same_predictions_as_a_local_eval(two_nodes, two
     assert job_state(entry) == "COMPLETED"
     assert len(set(rank_hosts(entry).values())) == 2
     assert (local / "predictions.csv").read_bytes() == (remote / "predictions.csv").read_bytes()
-
-
-def test_a_preempted_two_node_job_resumes_on_two_nodes_and_ends_at_the_uninterrupted_step(two_nodes, digits_shards,
-                                                                                           tmp_path):
-    import submitit
-
-    run_dir = tmp_path / "run"
-    # As test_slurm_jobs' preemption test: long enough for the signal to land mid-run.
-    two_node_train(run_dir, digits_shards, extra_overrides=["train.epochs=2", f"train.max_steps={PREEMPT_STEPS}"])
-    entry = record(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.is_file() and any('"joint"' in line for line in metrics.read_text().splitlines()))
-    job = submitit.SlurmJob(folder=entry["folder"] + "/%j", job_id=entry["job_id"])
-    job._interrupt()  # SIGTERM + SIGUSR2 to every task on both nodes, as a preemption
-    wait_until(lambda: job_state(entry) in {"PENDING", "REQUEUED", "REQUEUE_HOLD", "COMPLETED"}, poll=0.5)
-    assert job_state(entry) != "COMPLETED", "the job finished before the preemption reached it"
-    subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", "StartTime=now"], check=False)
-    wait_until(lambda: job_state(entry) not in {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "COMPLETING",
-                                                "UNKNOWN"})
-    assert job_state(entry) == "COMPLETED"
-    rank0_logs = "".join(path.read_text() for path in Path(entry["log_dir"]).glob(f"{entry['job_id']}_0_log.*"))
-    assert "resumed from" in rank0_logs
-    # The resumed attempt (the last "Starting with" line of each rank) ran on two hosts again.
-    assert len(set(rank_hosts(entry).values())) == 2
-    assert ckpt.find_checkpoint(run_dir, "last").step == PREEMPT_STEPS
 
 
 def test_a_node_that_dies_mid_job_ends_the_job_failed_or_requeued_never_a_hang(two_nodes, digits_shards, tmp_path):
