@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffmic.checkpoint import without_pretrained
 from diffmic.config import load_config
 from diffmic.hardware import cpu_info
 from diffmic.models import build_model
@@ -65,7 +66,8 @@ def timed():
 def model_for(config_path: str, device: torch.device, args: argparse.Namespace | None = None, **overrides):
     config = load_config(config_path, [f"{k}={v}" for k, v in overrides.items()])
     torch.manual_seed(0)
-    model = build_model(config).to(device)
+    # Timing does not depend on the starting weights: random ones, so no ImageNet file is needed offline.
+    model = build_model(without_pretrained(config)).to(device)
     if args is not None and args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, config
