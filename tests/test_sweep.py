@@ -40,6 +40,23 @@ def test_a_folder_of_another_sweep_is_not_mixed_with_a_new_one(tmp_path):
         merge_with_existing(tmp_path, other)
 
 
+def test_status_tells_a_run_whose_process_died_from_one_that_trains(tmp_path):
+    from diffmic.engine.runlock import this_holder
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {**this_holder(""), "pid": int(ended.stdout), "pid_started": None}
+    plan = SweepPlan("diffmic sweep A", None, plan_runs([("a.yaml", 1)], 3, {}, []))
+    for run, status, executor in zip(plan.runs, ("training", "evaluating", "training"),
+                                     (dead, dead, this_holder(""))):  # the last one: this live process
+        run.status, run.executor = status, executor
+        run.write_status(tmp_path)
+    plan.save(tmp_path)
+    shown = [run.shown_status() for run in SweepPlan.load(tmp_path).runs]
+    assert shown == ["interrupted", "interrupted", "training"]
+    status = diffmic_here(["status", str(tmp_path)])
+    assert status.stdout.count("interrupted") == 2 and "resume" in status.stdout  # the note says how
+
+
 def fake_run(folder, variant, seed, accuracy, ece, digest="abc"):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"variant": variant}, "train": {"seed": seed}}))
@@ -98,6 +115,7 @@ def test_a_killed_sweep_finishes_only_what_was_left_when_run_again(digits_shards
         pytest.fail("the sweep never reached its second run")
     os.kill(sweep.pid, signal.SIGKILL)
     sweep.wait()
+    assert "interrupted" in diffmic_here(["status", str(out)]).stdout  # not "training": its process is dead
 
     result = diffmic_here(sweep_args(digits_shards, out))
     assert result.returncode == 0, result.stdout + result.stderr

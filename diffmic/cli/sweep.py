@@ -174,6 +174,8 @@ def print_sweep_status(sweep_dir: Path) -> list[str]:
             import json
 
             accuracy = f"{json.loads(run.metrics_file(sweep_dir).read_text())['accuracy']:.4f}"
-        table.add_row(run.name, run.status, accuracy, plan.jobs.get(run.name, {}).get("job_id", ""), run.error[:80])
+        status = run.shown_status()
+        note = run.error[:80] or ("run the sweep command again to resume it" if status == "interrupted" else "")
+        table.add_row(run.name, status, accuracy, plan.jobs.get(run.name, {}).get("job_id", ""), note)
     console.print(table)
     return [run.name for run in plan.runs if run.status == "failed"]

@@ -47,6 +47,9 @@ class SweepRun:
     error: str = ""
     started: str = ""
     ended: str = ""
+    # Who executes it (host, pid, Slurm job: the run lock's holder record), so that `diffmic status` can tell
+    # a run that is training from one whose process was killed or whose job ended.
+    executor: dict = field(default_factory=dict)
 
     def run_dir(self, sweep_dir: Path) -> Path:
         return sweep_dir / "runs" / self.name
@@ -55,7 +58,8 @@ class SweepRun:
         return self.run_dir(sweep_dir) / EVAL_FOLDER / "metrics.json"
 
     def write_status(self, sweep_dir: Path) -> None:
-        write_json_atomic(self.run_dir(sweep_dir) / RUN_STATUS_FILE, {key: getattr(self, key) for key in STATUS_FIELDS})
+        write_json_atomic(self.run_dir(sweep_dir) / RUN_STATUS_FILE,
+                          {**{key: getattr(self, key) for key in STATUS_FIELDS}, "executor": self.executor})
 
     def read_status(self, sweep_dir: Path) -> None:
         import json
@@ -65,6 +69,17 @@ class SweepRun:
             values = json.loads(path.read_text())
             for key in STATUS_FIELDS:
                 setattr(self, key, str(values.get(key, getattr(self, key))))
+            executor = values.get("executor")
+            self.executor = executor if isinstance(executor, dict) else {}
+
+    def shown_status(self) -> str:
+        """The status, or "interrupted" for a run left training or evaluating by a process that is dead
+        (on this host) or a Slurm job that ended: running the sweep again resumes it."""
+        from ..engine.runlock import is_stale, this_holder
+
+        if self.status in ("training", "evaluating") and self.executor and is_stale(self.executor, this_holder("")):
+            return "interrupted"
+        return self.status
 
 
 def parse_grid(values: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -206,8 +221,10 @@ def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
                 on_change: Callable[[SweepRun], None] = lambda run: None) -> SweepRun:
     """Trains (or resumes) and evaluates one run; its status is kept up to date in its folder and through
     `on_change`."""
+    from ..engine.runlock import this_holder
+
     run_dir, log = run.run_dir(sweep_dir), run.run_dir(sweep_dir) / "sweep.log"
-    run.started, run.error = time.strftime("%Y-%m-%dT%H:%M:%S"), ""
+    run.started, run.error, run.executor = time.strftime("%Y-%m-%dT%H:%M:%S"), "", this_holder("")
 
     def changed(run: SweepRun) -> None:
         run.write_status(sweep_dir)
