@@ -107,18 +107,22 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[s
 
 
 # --- DeepSpeed's torch.save files --------------------------------------------------------------------
+def _importable(dotted: str):
+    """The object a dotted name refers to, or None when its module or the name does not exist here."""
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def load_weights_only(path: str | Path, map_location=None, allowed: tuple[str, ...] = DEEPSPEED_VALUE_TYPES):
     """`torch.load(weights_only=True)`: tensors and plain containers only, plus the named value types.
     A pickle that refers to anything else (os.system, ...) is refused before any object of it exists."""
-    import importlib
-
-    types = []
-    for dotted in allowed:
-        module, _, name = dotted.rpartition(".")
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass  # a DeepSpeed without this type cannot have written it
+    # A type this DeepSpeed does not have cannot be in a file it wrote: only the importable ones are allowed.
+    types = [kind for kind in map(_importable, allowed) if kind is not None]
     try:
         with torch.serialization.safe_globals(types):
             return torch.load(path, map_location=map_location, weights_only=True)
