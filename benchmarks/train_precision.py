@@ -105,13 +105,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep shards, runs and the plot here")
     args = parser.parse_args()
 
-    import torch
+    from timing import device_and_threads
 
-    from diffmic.hardware import cpu_has_native_bf16, cpu_info
+    from diffmic.accelerator import inference_precision
 
-    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16()
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_info()[0]
-    print(f"{where}; native bf16: {native}; {torch.get_num_threads()} threads")
+    native = inference_precision("auto") == "bf16"  # the device's native bf16, as diffmic decides it
+    print(f"device: {device_and_threads()}; native bf16: {native}; precisions compared: fp32, bf16")
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work_dir or Path(scratch)
         shards = work / "digits"

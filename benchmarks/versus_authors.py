@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sampling import measure
-from timing import REPO_CONFIGS, device_and_threads, model_for, timed
-from train_step import one_step
+from timing import REPO_CONFIGS, device_and_threads, model_for
+from train_step import one_step, seconds
 
 from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
 
@@ -123,14 +123,6 @@ class Authors:
         return y_0.softmax(dim=-1)
 
 
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, oneDNN primitives
-    with timed() as clock:
-        for _ in range(repeats):
-            fn()
-    return clock["seconds"] / repeats
-
-
 def paper_batch(batch: int, device: torch.device) -> dict:
     return {"image": torch.randn(batch, 3, 224, 224, device=device), "label": torch.randint(0, 7, (batch,), device=device),
             "key": [str(i) for i in range(batch)]}
@@ -142,14 +134,14 @@ def diffmic_autocast(precision: str, device: torch.device):
 
 def compare_training(authors: Authors, batch_size: int, precisions: list[str], repeats: int, device) -> None:
     batch = paper_batch(batch_size, device)
-    theirs = batch_size / seconds_per_call(lambda: authors.train_step(batch["image"], batch["label"]), repeats)
+    theirs = batch_size / seconds(lambda: authors.train_step(batch["image"], batch["label"]), repeats)
     print(f"training step, batch {batch_size:3d}: authors' code fp32 {theirs:6.2f} images/s", flush=True)
     model, config = model_for(PAPER, device)
     model.train()
     optimizer = build_optimizer(model, config.train)
     ema = ExponentialMovingAverage(model.denoiser, config.train.ema_rate)
     for precision in precisions:
-        ours = batch_size / seconds_per_call(
+        ours = batch_size / seconds(
             lambda: one_step(model, optimizer, ema, batch, diffmic_autocast(precision, device)), repeats)
         print(f"training step, batch {batch_size:3d}: diffmic {precision:4s} {ours:6.2f} images/s = "
               f"{ours / theirs:.1f}x the authors' code", flush=True)
@@ -158,7 +150,7 @@ def compare_training(authors: Authors, batch_size: int, precisions: list[str], r
 def compare_sampling(authors: Authors, batch_size: int, precisions: list[str], repeats: int, device) -> None:
     images = paper_batch(batch_size, device)["image"]
     steps = authors.config.diffusion.test_timesteps
-    theirs = seconds_per_call(lambda: authors.sample(images), repeats) / batch_size
+    theirs = seconds(lambda: authors.sample(images), repeats) / batch_size
     print(f"sampling {steps} steps, batch {batch_size:3d}: authors' code fp32 {theirs:6.2f} s/image", flush=True)
     model, config = model_for(PAPER, device)
     model.eval()
