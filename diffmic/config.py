@@ -308,6 +308,10 @@ def parse_interval(value: int | str, key: str = "checkpoint_every") -> tuple[int
     return (count * 60, "minute") if unit == "hour" else (count, unit)
 
 
+# Inference precisions of `eval.precision` and `--precision`.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class EvalConfig(Section):
     sampler: Literal[SAMPLERS] = "respaced"  # the names diffmic.diffusion.sampler implements
@@ -321,7 +325,7 @@ class EvalConfig(Section):
     use_ema: bool = True
     # Inference precision: bf16 autocast, fp32, or auto (bf16 where the device has native bf16: a GPU with
     # it, or a CPU with avx512_bf16/AMX; fp32 elsewhere).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
 
     def validate(self) -> None:
         _require(self.steps >= 1, "steps", f"got {self.steps}, expected at least 1")

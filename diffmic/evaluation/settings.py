@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import PRECISIONS, Config
 from ..diffusion.sampler import SAMPLERS, SamplingSettings
 from ..errors import EvalSettingsError
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
