@@ -68,12 +68,10 @@ class Launch:
         if self.job is not None:
             self.submit(kind, arguments, run_dir)
             return
-        from ..launch.local import check_gpus, launch_processes
+        from ..launch.local import launch_processes
 
-        if not self.cpu:
-            check_gpus(self.processes)  # before anything is said or started
-        console.print(f"{kind}: {self.processes} local {'CPU' if self.cpu else 'GPU'} process(es)", highlight=False)
-        launch_processes(kind, arguments, str(run_dir), self.processes, self.cpu, progress)
+        launch_processes(kind, arguments, str(run_dir), self.processes, self.cpu, progress,
+                         report=lambda line: console.print(line, highlight=False))
 
     def submit(self, kind: str, arguments: dict, run_dir: Path) -> None:
         """Submits (or, with --dry-run, describes) the job and tells the user how to follow it."""

@@ -43,15 +43,16 @@ def launch_arguments(processes: int, spec: Path, port: int) -> list[str]:
 
 
 def launch_processes(kind: str, arguments: dict, run_dir: str | None, processes: int, cpu: bool,
-                     progress: bool = False) -> None:
+                     progress: bool = False, report=print) -> None:
     """Runs the job in `processes` local processes and returns when all have ended; LaunchError if one failed
-    (its traceback is above, in the processes' own output)."""
+    (its traceback is above, in the processes' own output). Too few GPUs fail before anything is reported."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     from ..accelerator import free_port
 
     if not cpu:
         check_gpus(processes)
+    report(f"{kind}: {processes} local {'CPU' if cpu else 'GPU'} process(es)")
     with tempfile.TemporaryDirectory(prefix="diffmic-launch-") as folder:
         spec = Path(folder) / "job.json"
         spec.write_text(json.dumps({"kind": kind, "arguments": arguments, "run_dir": run_dir,
