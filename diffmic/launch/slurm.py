@@ -215,17 +215,22 @@ def sbatch_script(options: SlurmOptions, log_dir: Path, job_name: str, array_tas
     return _make_sbatch_string(command=f"python -u -m submitit.core._submit {folder}", folder=folder, **parameters)
 
 
+def job_record(submitted, kind: str, options: SlurmOptions, log_dir: Path, when: str) -> dict:
+    """What `diffmic status` reads about a submitted job (or array task): its id, logs and resources."""
+    record = {"job_id": submitted.job_id, "kind": kind, "log_dir": str(log_dir / str(submitted.job_id)),
+              "folder": str(log_dir), "local": options.local, "submitted": when, "options": asdict(options)}
+    if options.local:  # lets `diffmic status` tell a running local job from a dead one
+        record["pid"] = submitted._process.pid
+    return record
+
+
 def submit(job: DistributedJob, options: SlurmOptions, run_dir: Path, job_name: str):
     """Submits the job and records its id in RUN/slurm_<kind>.json for `diffmic status`."""
     log_dir = run_dir / "slurm"
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(options, log_dir, job_name)
     submitted = executor.submit(job)
-    record = {"job_id": submitted.job_id, "kind": job.kind, "log_dir": str(log_dir / str(submitted.job_id)),
-              "folder": str(log_dir), "local": options.local, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "options": asdict(options)}
-    if options.local:  # lets `diffmic status` tell a running local job from a dead one
-        record["pid"] = submitted._process.pid
+    record = job_record(submitted, job.kind, options, log_dir, time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(run_dir / JOB_FILE.format(kind=job.kind), record)
     return submitted, record
 
@@ -247,14 +252,7 @@ def submit_array(tasks: list, options: SlurmOptions, log_dir: Path, job_name: st
     with executor.batch():
         jobs = [executor.submit(task) for task in tasks]
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
-    records = []
-    for job in jobs:
-        record = {"job_id": job.job_id, "kind": "sweep", "log_dir": str(log_dir / str(job.job_id)),
-                  "folder": str(log_dir), "local": options.local, "submitted": submitted, "options": asdict(options)}
-        if options.local:
-            record["pid"] = job._process.pid
-        records.append(record)
-    return jobs, records
+    return jobs, [job_record(job, "sweep", options, log_dir, submitted) for job in jobs]
 
 
 def job_records(run_dir: Path) -> list[dict]:
