@@ -24,16 +24,19 @@ SAMPLES_OPTION = typer.Option(None, "--n-samples", help="Chains per image, avera
 EMA_OPTION = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of the denoiser (default) or the raw ones.")
 PRECISION_OPTION = typer.Option(None, "--precision", help="auto (bf16 where the GPU or CPU has native bf16, fp32 "
                                                           "elsewhere), fp32 or bf16. Default: the run's eval.precision.")
+COMPILE_OPTION = typer.Option(None, "--compile/--no-compile", help="Compile one reverse step into one graph (a CUDA "
+                                                                   "graph on a GPU): faster chains after a compile "
+                                                                   "of seconds. Default: the run's eval.compile.")
 
 
 def resolved_settings(run: Path, checkpoint: str, steps: int | None, sampler: str | None, n_samples: int | None,
-                      ema: bool, precision: str | None) -> EvalSettings:
+                      ema: bool, precision: str | None, compile: bool | None) -> EvalSettings:
     """The sampling settings of the command line on top of the checkpoint's own `eval` config."""
     from ..checkpoint import find_checkpoint
     from ..evaluation.settings import resolve_eval_settings
 
     return resolve_eval_settings(find_checkpoint(run, checkpoint).config, steps, sampler, n_samples, ema,
-                                 precision)
+                                 precision, compile)
 
 
 @app.command("eval")
@@ -47,6 +50,7 @@ def eval_command(
     n_samples: int = SAMPLES_OPTION,
     ema: bool = EMA_OPTION,
     precision: str = PRECISION_OPTION,
+    compile: bool = COMPILE_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: RUN/eval/<split>-<checkpoint>-"
                                                        "<sampler><steps>/."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
@@ -65,7 +69,7 @@ def eval_command(
     from ..evaluation.runner import evaluate_run, print_result
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
-    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision)
+    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision, compile)
     if launch.elsewhere:
         absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
         arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
@@ -88,6 +92,7 @@ def predict_command(
     n_samples: int = SAMPLES_OPTION,
     ema: bool = EMA_OPTION,
     precision: str = PRECISION_OPTION,
+    compile: bool = COMPILE_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="CSV to write. Default: RUN/predictions/<time>.csv."),
     flag_uncertain: float = typer.Option(None, "--flag-uncertain", metavar="T",
                                          help="Mark the rows whose uncertainty (share of chains that disagree "
@@ -102,7 +107,7 @@ def predict_command(
     """
     from ..evaluation.runner import check_flag_threshold, flag_uncertain_rows, predict_files, write_rows_csv
 
-    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision)
+    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision, compile)
     if flag_uncertain is not None:  # refused before any image is read
         from ..checkpoint import find_checkpoint
 

@@ -46,11 +46,17 @@ def precision_autocast(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalSettings | None):
-    """The checkpoint, its model and the settings to sample it with (the run's own where none are given)."""
+def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalSettings | None, device: torch.device):
+    """The checkpoint, its model on `device` ready to sample (compiled if the settings ask) and the settings
+    to sample it with (the run's own where none are given)."""
     info = ckpt.find_checkpoint(run_dir, checkpoint)
     settings = settings or resolve_eval_settings(info.config)
-    return info, ckpt.build_model_from_checkpoint(info, settings.use_ema), settings
+    model = ckpt.build_model_from_checkpoint(info, settings.use_ema).to(device)
+    # Value checks read tensors back to the host: free on a CPU, a sync per batch on a GPU.
+    model.check_values = device.type == "cpu"
+    if settings.compile:
+        model.compile_sampling(device)
+    return info, model, settings
 
 
 def check_shards_fit(manifest, info: ckpt.Checkpoint) -> None:
@@ -79,43 +85,46 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
                  shards: str | Path | None = None, progress: bool = True) -> EvalResult:
     """`settings` from `resolve_eval_settings` on the checkpoint's config; None: that config's own."""
     run_dir = Path(run_dir)
-    info, model, settings = load_checkpoint_model(run_dir, checkpoint, settings)
+    # Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice.
+    accelerator = make_accelerator("no")
+    try:
+        return _evaluate(run_dir, checkpoint, split, settings, out_dir, shards, progress, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalSettings | None, out_dir, shards,
+              progress: bool, accelerator) -> EvalResult:
+    info, model, settings = load_checkpoint_model(run_dir, checkpoint, settings, accelerator.device)
     config, sampling = info.config, settings.sampling
     shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
     check_shards_fit(manifest, info)
     expected_keys = manifest.split_info(split).keys
-    # Inference needs no DeepSpeed engine even for a DeepSpeed-trained run: plain processes suffice.
-    precision = inference_precision(settings.precision)
     # Autocast here rather than Accelerate's: its precision is fixed once per process, and one process may
     # evaluate in fp32 and in bf16 (benchmarks/precision_agreement.py).
-    accelerator = make_accelerator("no")
-    try:
-        model.to(accelerator.device)
-        model.check_values = accelerator.device.type == "cpu"
-        loader = eval_loader(shard_dir, split, config.data, settings.batch_size, accelerator.process_index,
-                             accelerator.num_processes)
-        record_every = max(1, sampling.steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
-        started = time.perf_counter()
-        # Only this process's share is counted: the bar tracks rank 0's part of the split.
-        with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
-            local = predict_batches(model, loader, accelerator.device, config.train.seed, sampling, record_every,
-                                    precision_autocast(accelerator.device, precision), on_batch=bar.advance)
-        predictions = gather_predictions(local, accelerator)
-        seconds = time.perf_counter() - started
-        check_keys(predictions, expected_keys, split)
-        predictions = predictions.reordered(expected_keys)
-        metrics = _report(predictions, manifest.classes, info, manifest, split, settings, seconds)
-        metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
-        out = None
-        if accelerator.is_main_process:
-            named = f"{split}-{checkpoint}-{sampling.sampler}{sampling.steps}"
-            out = Path(out_dir) if out_dir else run_dir / "eval" / named
-            write_outputs(out, predictions, metrics, manifest.classes)
-        accelerator.wait_for_everyone()
-        return EvalResult(out, metrics, predictions)
-    finally:
-        accelerator.end_training()
+    precision = inference_precision(settings.precision)
+    loader = eval_loader(shard_dir, split, config.data, settings.batch_size, accelerator.process_index,
+                         accelerator.num_processes)
+    record_every = max(1, sampling.steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
+    started = time.perf_counter()
+    # Only this process's share is counted: the bar tracks rank 0's part of the split.
+    with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
+        local = predict_batches(model, loader, accelerator.device, config.train.seed, sampling, record_every,
+                                precision_autocast(accelerator.device, precision), on_batch=bar.advance)
+    predictions = gather_predictions(local, accelerator)
+    seconds = time.perf_counter() - started
+    check_keys(predictions, expected_keys, split)
+    predictions = predictions.reordered(expected_keys)
+    metrics = _report(predictions, manifest.classes, info, manifest, split, settings, seconds)
+    metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
+    out = None
+    if accelerator.is_main_process:
+        named = f"{split}-{checkpoint}-{sampling.sampler}{sampling.steps}"
+        out = Path(out_dir) if out_dir else run_dir / "eval" / named
+        write_outputs(out, predictions, metrics, manifest.classes)
+    accelerator.wait_for_everyone()
+    return EvalResult(out, metrics, predictions)
 
 
 def _report(predictions, classes, info, manifest, split, settings: EvalSettings, seconds) -> dict:
@@ -125,6 +134,7 @@ def _report(predictions, classes, info, manifest, split, settings: EvalSettings,
         "dcg_accuracy": dcg["accuracy"], "dcg_macro_f1": dcg["macro_f1"], "split": split,
         "sampler": settings.sampling.sampler, "steps": settings.sampling.steps,
         "n_samples": settings.sampling.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
+        "compiled": settings.compile,
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
     })
@@ -228,9 +238,11 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
     """Rows of (file, predicted class, probabilities, uncertainty) for loose image files."""
     from ..data import eval_transform
 
-    info, model, settings = load_checkpoint_model(Path(run_dir), checkpoint, settings)
+    # One process: the first GPU where there is one (a clinician's single image), else the CPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info, model, settings = load_checkpoint_model(Path(run_dir), checkpoint, settings, device)
     config = info.config
-    autocast = precision_autocast(torch.device("cpu"), inference_precision(settings.precision))  # predict: CPU
+    autocast = precision_autocast(device, inference_precision(settings.precision))
     files = image_files(paths)
     transform = eval_transform(config.data)
     classes = info.classes
@@ -239,8 +251,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         chunk = files[start:start + batch_size]
         batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
                  "key": [str(path) for path in chunk]}
-        result = predict_batches(model, [batch], torch.device("cpu"), config.train.seed, settings.sampling,
-                                 autocast=autocast)
+        result = predict_batches(model, [batch], device, config.train.seed, settings.sampling, autocast=autocast)
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},

@@ -17,17 +17,18 @@ class EvalSettings:
     use_ema: bool  # the denoiser's EMA weights instead of its raw ones
     batch_size: int  # images per batch on each process
     precision: str = "auto"  # "auto", "fp32" or "bf16" as asked; diffmic.accelerator.inference_precision decides
+    compile: bool = False  # one compiled reverse step (DiffMIC.compile_sampling)
 
     @classmethod
     def from_dict(cls, values: dict) -> "EvalSettings":
         """The inverse of `dataclasses.asdict` (how the settings travel to local worker processes as JSON)."""
         return cls(SamplingSettings(**values["sampling"]), values["use_ema"], values["batch_size"],
-                   values.get("precision", "auto"))
+                   values.get("precision", "auto"), values.get("compile", False))
 
 
 def resolve_eval_settings(config: Config, steps: int | None = None, sampler: str | None = None,
                           n_samples: int | None = None, use_ema: bool | None = None,
-                          precision: str | None = None) -> EvalSettings:
+                          precision: str | None = None, compile: bool | None = None) -> EvalSettings:
     """`config.eval` where a choice is None (only None: a 0 the user typed is an error to report, not a request
     for the default). `config` is the run's, since the steps a chain may take are its diffusion.timesteps."""
     defaults = config.eval
@@ -45,4 +46,5 @@ def resolve_eval_settings(config: Config, steps: int | None = None, sampler: str
     if precision not in PRECISIONS:
         raise EvalSettingsError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return EvalSettings(SamplingSettings(sampler, steps, n_samples, defaults.aggregate, defaults.probability),
-                        defaults.use_ema if use_ema is None else use_ema, defaults.batch_size, precision)
+                        defaults.use_ema if use_ema is None else use_ema, defaults.batch_size, precision,
+                        defaults.compile if compile is None else compile)

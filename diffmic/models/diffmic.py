@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import Config
 from ..diffusion import NoiseSchedule, SamplingSettings, antithetic_timesteps, mmd, sample
+from ..diffusion.sampler import reverse_step
 from .backbones import PlainClassifier
 from .dcg import DCG, GuidanceLogits
 from .denoiser import Denoiser
@@ -111,6 +112,7 @@ class DiffMIC(nn.Module):
         # A plain attribute, not buffers: mixed-precision engines cast buffers, and the schedule's
         # float64 closed forms must stay exact.
         self.schedule = NoiseSchedule.linear(diffusion.timesteps, diffusion.beta_start, diffusion.beta_end)
+        self.compiled_step = None  # set by compile_sampling
         self._register_load_state_dict_pre_hook(_rename_old_keys)
 
     # --- guidance ---------------------------------------------------------------------------------
@@ -221,10 +223,11 @@ class DiffMIC(nn.Module):
         features = self.denoiser.encode(images).repeat_interleave(n_samples, dim=0)
         prior_rows = prior.repeat_interleave(n_samples, dim=0)
 
-        def denoise(y_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser(features, y_t, prior_rows, t).float()
-
-        y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling, noise, generator, record_every)
+        if self.compiled_step is None:
+            denoise = lambda y_t, t: self.denoiser(features, y_t, prior_rows, t).float()  # noqa: E731
+            y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling, noise, generator, record_every)
+        else:
+            y0, trajectory = self._sample_compiled(features, prior_rows, sampling, noise, generator, record_every)
         y0 = y0.view(batch, n_samples, self.num_classes)
         probs = chain_probabilities(y0, sampling.rule)
         label = probs.argmax(dim=-1)
@@ -235,6 +238,40 @@ class DiffMIC(nn.Module):
         if record_every:
             prediction.trajectory = [(t, y.view(batch, n_samples, -1)) for t, y in trajectory]
         return prediction
+
+
+    # --- compiled sampling ------------------------------------------------------------------------
+    def _sampling_step(self, features: torch.Tensor, prior: torch.Tensor, y_t: torch.Tensor, t: torch.Tensor,
+                       row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return reverse_step(y_t, prior, self.denoiser(features, y_t, prior, t).float(), row, z)
+
+    def _sample_compiled(self, features, prior_rows, sampling: SamplingSettings, noise, generator, record_every):
+        import torch._inductor.config as inductor
+
+        def step(y_t: torch.Tensor, t: torch.Tensor, row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            # A CUDA graph's output lives in a buffer its next replay overwrites: a new step begins, and
+            # the state is copied out (the trajectory keeps some states). Both are free on a CPU.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled_step(features, prior_rows, y_t, t, row, z).clone()
+
+        # Read when a graph is compiled (the first call of each batch shape), so set around the whole chain;
+        # torch.compile's `options` does not reach it.
+        with inductor.patch(freezing=True):
+            return sample(None, prior_rows, self.schedule, sampling, noise, generator, record_every, step)
+
+    def compile_sampling(self, device: torch.device) -> None:
+        """Compiles one reverse step (the denoiser's MLP and the update) into one graph for `predict`.
+
+        For inference only: the weights are frozen into the graph as constants (inductor's `freezing`), so
+        autocast's casts of them are done once at compile time instead of at every step, and later changes
+        to the weights are not seen. On a GPU the graph is also captured as a CUDA graph (what
+        mode="reduce-overhead" does): a step is then one launch instead of a dozen small ones. One compile per
+        batch shape and precision; the first call pays it.
+        """
+        if self.denoiser is None:
+            return
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.compiled_step = torch.compile(self._sampling_step, dynamic=False, mode=mode)
 
 
 def build_model(config: Config) -> DiffMIC:
