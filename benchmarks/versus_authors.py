@@ -3,7 +3,7 @@ device, with the same threads: images/s of a training step and seconds per image
 config (HAM10000: 224 px, C = 7, T = 1000 for training, 250 reverse steps for sampling).
 
     git clone https://github.com/scott-yjyang/DiffMIC /tmp/authors-diffmic      (anywhere outside this repository)
-    python benchmarks/versus_authors.py --authors /tmp/authors-diffmic [--train-batch 32,8] [--sample-batch 8]
+    python benchmarks/versus_authors.py --authors /tmp/authors-diffmic [--train-batch 32,8] [--sample-batch 8] [--compile]
 
 Their modules are imported from that checkout, nothing of theirs is copied here. Their training step is the
 body of their training loop (`Diffusion.train`): the DCG's priors with autograd on, three denoiser passes (one
@@ -147,18 +147,23 @@ def compare_training(authors: Authors, batch_size: int, precisions: list[str], r
               f"{ours / theirs:.1f}x the authors' code", flush=True)
 
 
-def compare_sampling(authors: Authors, batch_size: int, precisions: list[str], repeats: int, device) -> None:
+def compare_sampling(authors: Authors, batch_size: int, precisions: list[str], repeats: int, device,
+                     compiled: bool) -> None:
     images = paper_batch(batch_size, device)["image"]
     steps = authors.config.diffusion.test_timesteps
     theirs = seconds(lambda: authors.sample(images), repeats) / batch_size
     print(f"sampling {steps} steps, batch {batch_size:3d}: authors' code fp32 {theirs:6.2f} s/image", flush=True)
     model, config = model_for(PAPER, device)
     model.eval()
-    for precision in precisions:
+    for precision, compile_step in [(p, c) for p in precisions for c in (False, True) if c <= compiled]:
+        model.compiled_step = None
+        if compile_step:  # `--compile`; measure's untimed warm-up call compiles the step
+            model.compile_sampling(device)
         # The paper config's evaluation (respaced, one chain per image), as `diffmic eval` runs it.
         rate = measure(model, config, batch_size, steps, repeats, device, diffmic_autocast(precision, device))
         ours = 1 / rate["images_per_s"]
-        print(f"sampling {steps} steps, batch {batch_size:3d}: diffmic {precision:4s} {ours:6.2f} s/image = "
+        name = f"{precision} compiled" if compile_step else precision
+        print(f"sampling {steps} steps, batch {batch_size:3d}: diffmic {name:13s} {ours:6.2f} s/image = "
               f"{theirs / ours:.1f}x the authors' code", flush=True)
 
 
@@ -171,6 +176,7 @@ def main() -> None:
                         help="diffmic's precisions (bf16 = autocast; fast on a CPU only with avx512_bf16 or AMX)")
     parser.add_argument("--steps", type=int, default=250, help="reverse steps of both samplers")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time diffmic's sampling with --compile")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device_and_threads()}; diffmic precisions {args.precision}, authors' code fp32")
@@ -180,7 +186,7 @@ def main() -> None:
     for batch in filter(None, args.train_batch.split(",")):
         compare_training(authors, int(batch), precisions, args.repeats, device)
     for batch in filter(None, args.sample_batch.split(",")):
-        compare_sampling(authors, int(batch), precisions, args.repeats, device)
+        compare_sampling(authors, int(batch), precisions, args.repeats, device, args.compile)
 
 
 if __name__ == "__main__":
