@@ -75,7 +75,9 @@ def calibration_metrics(labels: Any, probs: Any, bins: int = ECE_BINS) -> dict[s
     # (half of this), so the same model would score differently on two classes than on seven.
     return {"ece": reliability_bins(labels, probs, bins).ece,
             "brier": float(np.mean(np.sum((probs - one_hot) ** 2, axis=1))),
-            "nll": float(log_loss(labels, probs, labels=list(range(probs.shape[1]))))}
+            # Rescaled exactly: float32 rows are 1 only to ~1e-7, and scikit-learn warns at its float64 tolerance.
+            "nll": float(log_loss(labels, probs / probs.sum(axis=1, keepdims=True),
+                                  labels=list(range(probs.shape[1]))))}
 
 
 def certainty_order(uncertainty: Any, probs: Any) -> np.ndarray:
