@@ -1,4 +1,5 @@
-"""What the machine can do fast, detected rather than guessed: the CPU's native bf16 (avx512_bf16, AMX).
+"""What the machine can do fast, detected rather than guessed: the CPU's native bf16 (avx512_bf16, AMX), and
+whether torch.compile can build CPU code here (a C++ compiler).
 
 Read from /proc/cpuinfo (Linux); elsewhere nothing is claimed, so bf16 stays off.
 """
@@ -33,3 +34,15 @@ def cpu_has_native_bf16() -> bool:
     fp32 (a 6144-wide linear layer at batch 8: 4.3 vs 15.6 ms on an AVX512-BF16 EPYC); elsewhere it is
     emulated and slower."""
     return any(flag in cpu_info()[1] for flag in NATIVE_BF16_FLAGS)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU code generator would use (g++, or what $CXX names); None where
+    there is none."""
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None

@@ -80,6 +80,29 @@ def test_the_setting_comes_from_the_config_unless_the_command_line_gives_one():
     assert resolve_eval_settings(on, compile=False).compile is False
 
 
+def test_compile_without_a_cpp_compiler_is_one_message_before_any_image(tiny_run, monkeypatch):
+    from diffmic import hardware
+
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: None)
+    result = diffmic_here(["eval", "--run", str(tiny_run), "--checkpoint", "last", "--compile", "--no-progress"])
+    assert result.returncode != 0
+    assert "needs a C++ compiler" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_cpp_compiler_is_found_where_torch_compile_looks(monkeypatch):
+    from diffmic import hardware
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    assert hardware.cpp_compiler() is not None  # g++ is on every machine the suite runs on
+    monkeypatch.setattr("torch._inductor.config.cpp.cxx", (None, "/nonexistent/c++"))
+    cpp_compiler_search.cache_clear()
+    try:
+        assert hardware.cpp_compiler() is None
+    finally:
+        cpp_compiler_search.cache_clear()
+
+
 def read_predictions(path):
     with open(path) as handle:
         return list(csv.DictReader(handle))

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import hardware
 from ..config import Config
+from ..errors import EvalSettingsError
 from ..diffusion import NoiseSchedule, SamplingSettings, antithetic_timesteps, mmd, sample
 from ..diffusion.sampler import reverse_step
 from .backbones import PlainClassifier
@@ -270,6 +272,10 @@ class DiffMIC(nn.Module):
         """
         if self.denoiser is None:
             return
+        if device.type == "cpu" and hardware.cpp_compiler() is None:  # found now, not at the first batch
+            raise EvalSettingsError("--compile (eval.compile) on a CPU needs a C++ compiler and none was found "
+                                    "(g++, or the one $CXX names): install one (e.g. apt install g++) or "
+                                    "evaluate without --compile")
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.compiled_step = torch.compile(self._sampling_step, dynamic=False, mode=mode)
 
