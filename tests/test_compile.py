@@ -90,15 +90,17 @@ def test_compile_without_a_cpp_compiler_is_one_message_before_any_image(tiny_run
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_the_cpp_compiler_is_found_where_torch_compile_looks(monkeypatch):
-    from diffmic import hardware
+def test_the_cpp_compiler_is_found_where_torch_compile_looks():
+    import torch._inductor.config as inductor
     from torch._inductor.cpp_builder import cpp_compiler_search
 
+    from diffmic import hardware
+
     assert hardware.cpp_compiler() is not None  # g++ is on every machine the suite runs on
-    monkeypatch.setattr("torch._inductor.config.cpp.cxx", (None, "/nonexistent/c++"))
     cpp_compiler_search.cache_clear()
     try:
-        assert hardware.cpp_compiler() is None
+        with inductor.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+            assert hardware.cpp_compiler() is None
     finally:
         cpp_compiler_search.cache_clear()
 
