@@ -110,15 +110,15 @@ def sample(denoise: Denoise | None, prior: torch.Tensor, schedule: NoiseSchedule
 
     if step is None:
         step = lambda y_t, t, row, z: reverse_step(y_t, prior, denoise(y_t, t), row, z)  # noqa: E731
-    coefficients = step_coefficients(chain, settings.sampler == "ddim").to(prior.device, prior.dtype)
+    deterministic = settings.sampler == "ddim"
+    coefficients = step_coefficients(chain, deterministic).to(prior.device, prior.dtype)
     timesteps = chain.timesteps.to(prior.device)
-    stochastic = settings.sampler != "ddim"
     silent = torch.zeros_like(prior)  # the z of the steps that add no noise
 
     y = prior + draw(0)
     trajectory = [(int(chain.timesteps[-1]), y)] if record_every else []
     for position, index in enumerate(range(length - 1, -1, -1), start=1):
-        z = draw(position) if stochastic and index > 0 else silent
+        z = silent if deterministic or index == 0 else draw(position)
         y = step(y, timesteps[index].expand(rows), coefficients[index], z)
         if record_every and (position % record_every == 0 or index == 0):
             # The new state sits at the previous position's time; after position 0 it is y_0.
