@@ -68,7 +68,8 @@ def test_split(info, run_dir: Path) -> tuple[list[str], torch.Tensor, np.ndarray
 
 
 def chains(model, keys, images, seed: int, sampler: str, steps: int, n_samples: int, batch: int = 128):
-    """Every chain's final state (N, n_samples, C) and the DCG's probabilities (N, C), with eval's noise."""
+    """Every chain's final state (N, n_samples, C) and the DCG's probabilities (N, C), with eval's noise. A model
+    without a diffusion (`basic`) has no chains: None and the classifier's probabilities."""
     from diffmic.diffusion import SamplingSettings
     from diffmic.evaluation.inference import per_sample_noise
 
@@ -78,9 +79,10 @@ def chains(model, keys, images, seed: int, sampler: str, steps: int, n_samples: 
         part = keys[start:start + batch]
         noise = per_sample_noise(part, seed, steps + 1, n_samples, model.num_classes)
         prediction = model.predict(images[start:start + batch], sampling, noise=noise)
-        states.append(prediction.y0)
+        if prediction.y0 is not None:
+            states.append(prediction.y0)
         dcg.append(prediction.dcg_probs.numpy())
-    return torch.cat(states), np.concatenate(dcg)
+    return torch.cat(states) if states else None, np.concatenate(dcg)
 
 
 def figures(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:

@@ -61,6 +61,18 @@ def write_dataset(root: Path, size: int) -> dict[str, int]:
     return counts
 
 
+def prepare_shards(scratch: Path, size: int) -> tuple[dict[str, int], Path]:
+    """The imbalanced digits and their shards in `scratch` (made once; an earlier call's are reused, since they
+    are built from fixed seeds). Returns the class counts and the shard folder."""
+    data, shards = scratch / "data", scratch / "shards"
+    if shards.exists():
+        return {name: len(list((data / name).iterdir())) for name in DIGITS_OF}, shards
+    counts = write_dataset(data, size)
+    diffmic("shard", "--dataset", "imagefolder", "--root", str(data), "--out", str(shards), "--size", str(size),
+            "--test-fraction", "0.3", "--val-fraction", "0", "--seed", "0", "--workers", "1")
+    return counts, shards
+
+
 def diffmic(*args: str) -> None:
     result = subprocess.run([sys.executable, "-m", "diffmic", *args], cwd=REPO, capture_output=True, text=True)
     if result.returncode:
@@ -76,21 +88,27 @@ def scores(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[st
     return row
 
 
-def train_and_score(shards: Path, run_dir: Path, variant: str, seed: int, size: int, overrides: list[str]) -> dict:
-    from diffmic.evaluation.runner import evaluate_run
-
-    # fp32 evaluation, as the README's tables were measured (eval.precision auto runs bf16 on CPUs that have it)
+def train_run(shards: Path, run_dir: Path, variant: str, seed: int, size: int, overrides: list[str]) -> float:
+    """Trains one run (resuming an interrupted one) and returns its training seconds; a run an earlier call
+    with the same --work-dir finished is not trained again."""
+    # fp32 evaluation, as the README's tables were measured (eval.precision auto would run bf16 on CPUs that have it)
     settings = [f"model.variant={variant}", "data.num_classes=7", f"data.image_size={size}", "train.val_every=0",
                 f"train.seed={seed}", "eval.precision=fp32", *overrides]
     timing = run_dir / "train_seconds.json"
-    if timing.exists():  # trained by an earlier call with the same --work-dir: only evaluate it again
-        trained = json.loads(timing.read_text())["train_s"]
-    else:
-        started = time.perf_counter()
-        diffmic("train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(shards), "--run-dir",
-                str(run_dir), "--no-progress", *[item for setting in settings for item in ("--set", setting)])
-        trained = time.perf_counter() - started
-        timing.write_text(json.dumps({"train_s": trained}))
+    if timing.exists():
+        return json.loads(timing.read_text())["train_s"]
+    started = time.perf_counter()
+    diffmic("train", "--config", str(REPO / "configs" / "digits.yaml"), "--shards", str(shards), "--run-dir",
+            str(run_dir), "--no-progress", *[item for setting in settings for item in ("--set", setting)])
+    trained = time.perf_counter() - started
+    timing.write_text(json.dumps({"train_s": trained}))
+    return trained
+
+
+def train_and_score(shards: Path, run_dir: Path, variant: str, seed: int, size: int, overrides: list[str]) -> dict:
+    from diffmic.evaluation.runner import evaluate_run
+
+    trained = train_run(shards, run_dir, variant, seed, size, overrides)
     result = evaluate_run(run_dir, checkpoint="last", out_dir=run_dir / "eval", progress=False)
     predictions, classes = result.predictions, result.metrics["class_names"]
     return {"variant": variant, "seed": seed, "train_s": trained,
@@ -141,13 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         scratch = args.work_dir or Path(temporary)
         scratch.mkdir(parents=True, exist_ok=True)
-        data, shards = Path(scratch) / "data", Path(scratch) / "shards"
-        if shards.exists():  # an earlier call's --work-dir: the same data (it is built from fixed seeds)
-            counts = {name: len(list((data / name).iterdir())) for name in DIGITS_OF}
-        else:
-            counts = write_dataset(data, args.size)
-            diffmic("shard", "--dataset", "imagefolder", "--root", str(data), "--out", str(shards), "--size",
-                    str(args.size), "--test-fraction", "0.3", "--val-fraction", "0", "--seed", "0", "--workers", "1")
+        counts, shards = prepare_shards(Path(scratch), args.size)
         print("classes:", ", ".join(f"{name} {count}" for name, count in counts.items()), flush=True)
         for seed in range(args.seeds):
             for variant in args.variants.split(","):
