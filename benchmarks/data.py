@@ -19,6 +19,7 @@ import multiprocessing
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffmic.config import AugmentConfig, DataConfig
-from diffmic.data import ShardOptions, shard_dataset, train_loader
+from diffmic.data import Manifest, ShardOptions, shard_dataset, train_loader
 from diffmic.data import verify
 from diffmic.data.images import augment_image, preprocess_image
 from timing import device_and_threads
@@ -98,15 +99,16 @@ def raw_images_per_second(paths: list[Path], data: DataConfig) -> float:
     return measure(lambda epoch: loader)
 
 
-def shard_images_per_second(shards: Path, data: DataConfig) -> float:
-    return measure(lambda epoch: train_loader(shards, data, BATCH_SIZE, seed=0, epoch=epoch))
+def shard_images_per_second(shards: Path, data: DataConfig, batch_size: int = BATCH_SIZE,
+                            seconds: float = MEASURE_SECONDS) -> float:
+    return measure(lambda epoch: train_loader(shards, data, batch_size, seed=0, epoch=epoch), seconds)
 
 
-def measure(epoch_loader) -> float:
+def measure(epoch_loader, seconds: float = MEASURE_SECONDS) -> float:
     """Images per second over whole epochs (worker start-up included, as in training), at least
-    MEASURE_SECONDS of them."""
+    `seconds` of them."""
     images, start, epoch = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < MEASURE_SECONDS:
+    while time.perf_counter() - start < seconds:
         for batch in epoch_loader(epoch):
             images += len(batch[1] if isinstance(batch, list) else batch["label"])
         epoch += 1
@@ -121,18 +123,39 @@ def checksum_seconds(manifest) -> float:
     return time.perf_counter() - started
 
 
-def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix: str, workers: int) -> dict:
+def training_data(name: str, workers: int, image_size: int = 224) -> DataConfig:
+    """The training stream's settings: two classes, hflip + rotation, `workers` loader processes."""
+    return DataConfig(dataset=name, num_classes=2, image_size=image_size, num_workers=workers,
+                      augment=AugmentConfig(hflip=True, vflip=False, rotation=30.0))
+
+
+@dataclass
+class Sharded:
+    paths: list[Path]  # the generated originals
+    manifest: Manifest  # of the shards written from them
+    generate_s: float
+    shard_s: float
+
+
+def make_shards(root: Path, name: str, count: int, width: int, height: int, suffix: str, workers: int,
+                size: int | None = None) -> Sharded:
+    """`count` synthetic photographs of width x height in two class folders under root/name/raw, sharded
+    into root/name/shards at `size` px (default: the layout's, 224)."""
     started = time.perf_counter()
     paths = make_folder(root / name / "raw", count, width, height, suffix, workers)
     generated = time.perf_counter() - started
-    raw_mb = sum(path.stat().st_size for path in paths) / 2**20
     started = time.perf_counter()
     manifest = shard_dataset(ShardOptions(dataset="imagefolder", root=root / name / "raw", out=root / name / "shards",
-                                          test_fraction=0.1, val_fraction=0.0, workers=workers))
-    sharded = time.perf_counter() - started
-    data = DataConfig(dataset=name, num_classes=2, image_size=224, num_workers=workers,
-                      augment=AugmentConfig(hflip=True, vflip=False, rotation=30.0))
-    train_paths = [path for path in paths if f"class_{int(path.stem[4:]) % 2}__{path.stem}"
+                                          size=size, test_fraction=0.1, val_fraction=0.0, workers=workers))
+    return Sharded(paths, manifest, generated, time.perf_counter() - started)
+
+
+def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix: str, workers: int) -> dict:
+    sharded = make_shards(root, name, count, width, height, suffix, workers)
+    manifest = sharded.manifest
+    raw_mb = sum(path.stat().st_size for path in sharded.paths) / 2**20
+    data = training_data(name, workers)
+    train_paths = [path for path in sharded.paths if f"class_{int(path.stem[4:]) % 2}__{path.stem}"
                    in set(manifest.splits["train"].keys)]
     raw = raw_images_per_second(train_paths, data)
     shards = shard_images_per_second(manifest.folder, data)
@@ -140,8 +163,8 @@ def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix
     epoch = manifest.splits["train"].count / shards
     shard_mb = sum(entry.bytes for info in manifest.splits.values() for entry in info.shards) / 2**20
     return {"name": name, "images": count, "size": f"{width}x{height}{suffix}", "raw_mb": raw_mb,
-            "shard_mb": shard_mb, "generate_s": generated, "shard_s": sharded, "raw": raw, "shards": shards,
-            "check_s": check, "check_share": check / epoch}
+            "shard_mb": shard_mb, "generate_s": sharded.generate_s, "shard_s": sharded.shard_s, "raw": raw,
+            "shards": shards, "check_s": check, "check_share": check / epoch}
 
 
 def main() -> None:

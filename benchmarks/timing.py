@@ -73,6 +73,13 @@ def model_for(config_path: str, device: torch.device, args: argparse.Namespace |
     return model, config
 
 
+def synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device) -> dict:
+    """A training batch of random images and labels in the one batch format (image, label, key)."""
+    return {"image": torch.randn(batch_size, 3, image_size, image_size, device=device),
+            "label": torch.randint(0, num_classes, (batch_size,), device=device),
+            "key": [f"synthetic-{index}" for index in range(batch_size)]}
+
+
 def cpu_description() -> str:
     """The CPU's model name and the vector/matrix extensions that decide its fast dtypes."""
     model, flags = cpu_info()

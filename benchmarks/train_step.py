@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer, clip_group_gradients
-from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
+from timing import (REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for,
+                    synthetic_batch, timed)
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 8, "digits (64 px, C=10)": 32}
 
@@ -85,9 +86,8 @@ def main() -> None:
         model.train()
         optimizer = build_optimizer(model, config.train)
         ema = ExponentialMovingAverage(model.denoiser, config.train.ema_rate)
-        size, batch_size = config.data.image_size, batch_for(name, BATCH, args)
-        batch = {"image": torch.randn(batch_size, 3, size, size, device=device),
-                 "label": torch.randint(0, config.data.num_classes, (batch_size,), device=device)}
+        batch_size = batch_for(name, BATCH, args)
+        batch = synthetic_batch(batch_size, config.data.image_size, config.data.num_classes, device)
         counter = PartTimer({"encoder": model.denoiser.encoder, "dcg": model.dcg})
         step = seconds(lambda: one_step(model, optimizer, ema, batch, autocast(args, device)), args.repeats)
         calls = {k: v / (args.repeats + 1) for k, v in counter.calls.items()}
