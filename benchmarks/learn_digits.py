@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "digits.yaml"))
     parser.add_argument("--test-run", action="store_true", help="time the run of tests/test_learning.py")
     parser.add_argument("--demo", action="store_true", help="make demo's shards, config and evaluation, per seed")
-    parser.add_argument("--seeds", type=int, default=3, help="--demo: training seeds 0..N-1")
+    parser.add_argument("--seeds", type=seed_list, default=seed_list("3"),
+                        help="--demo: N for the training seeds 0..N-1, or a list such as 1,2")
     parser.add_argument("--threads", type=int, default=None, help="--demo: OMP_NUM_THREADS of each training "
                         "(default: torch's own choice, one per core)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="--demo: config override")
@@ -94,14 +95,19 @@ def main() -> None:
 DEMO_FIGURES = ("accuracy", "macro_f1", "dcg_accuracy", "checkpoint_step")
 
 
-def demo_seeds(config: str, seeds: int, threads: int | None, overrides: list[str], json_path: Path | None) -> None:
+def seed_list(text: str) -> list[int]:
+    """"3" is the seeds 0, 1, 2; "1,2" (or "2," for one) names them."""
+    return [int(seed) for seed in text.split(",") if seed] if "," in text else list(range(int(text)))
+
+
+def demo_seeds(config: str, seeds: list[int], threads: int | None, overrides: list[str], json_path: Path | None) -> None:
     """`make demo`'s three commands (shard with the default split, train, evaluate the best checkpoint with two
     processes) once per training seed."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         shards = Path(scratch) / "digits"
         run("shard", "--dataset", "digits", "--out", str(shards))
-        for seed in range(seeds):
+        for seed in seeds:
             run_dir = Path(scratch) / f"seed-{seed}"
             settings = [f"train.seed={seed}", *overrides]
             started = time.perf_counter()
