@@ -21,7 +21,9 @@ STEPS_OPTION = typer.Option(None, "--steps", help="Reverse diffusion steps. Defa
 SAMPLER_OPTION = typer.Option(None, "--sampler", help="respaced, truncated (the authors') or ddim. Default: eval.sampler.")
 SAMPLES_OPTION = typer.Option(None, "--n-samples", help="Chains per image, averaged (their spread is the "
                                                         "uncertainty). Default: eval.n_samples.")
-EMA_OPTION = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of the denoiser (default) or the raw ones.")
+# None when neither flag is given: the run's eval.use_ema decides (a default of True overrode `use_ema: false`).
+EMA_OPTION = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights of the denoiser or the raw ones. "
+                                                       "Default: the run's eval.use_ema.")
 PRECISION_OPTION = typer.Option(None, "--precision", help="auto (bf16 where the GPU or CPU has native bf16, fp32 "
                                                           "elsewhere), fp32 or bf16. Default: the run's eval.precision.")
 COMPILE_OPTION = typer.Option(None, "--compile/--no-compile", help="Compile one reverse step into one graph (a CUDA "
@@ -30,7 +32,7 @@ COMPILE_OPTION = typer.Option(None, "--compile/--no-compile", help="Compile one 
 
 
 def resolved_settings(run: Path, checkpoint: str, steps: int | None, sampler: str | None, n_samples: int | None,
-                      ema: bool, precision: str | None, compile: bool | None) -> EvalSettings:
+                      ema: bool | None, precision: str | None, compile: bool | None) -> EvalSettings:
     """The sampling settings of the command line on top of the checkpoint's own `eval` config."""
     from ..checkpoint import find_checkpoint
     from ..evaluation.settings import resolve_eval_settings
