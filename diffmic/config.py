@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 from .diffusion.sampler import PROBABILITY_RULES, SAMPLERS
 
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
@@ -24,7 +25,7 @@ CELL_SIZE = 32
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the dotted key and what is allowed."""
 
     def __init__(self, key: str, message: str):

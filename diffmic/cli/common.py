@@ -8,11 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ..config import ConfigError
-from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, LaunchError, NonFiniteLossError,
-                      PretrainedWeightsError, RunLockError, SlurmError, UnreadableImageError)
-from ..data.manifest import ManifestError
-from ..data.sources import ShardError
+from ..errors import USER_ERRORS, UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,16 +16,7 @@ console = Console()
 SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
 error_console = Console(stderr=True)
 
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one message, exit status 2, no traceback."""
-
-
-# Errors that mean "your input is wrong", not "diffmic is broken".
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
-                                                 ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 EvalSettingsError, UnreadableImageError, SlurmError, LaunchError,
-                                                 NonFiniteLossError, RunLockError, DiskFullError)
+__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command"]
 
 
 def config_file(config: Path | str | None, dataset: str | None) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..errors import UserError
 from ..fileio import write_text_atomic
 
 # (metrics.json key, column title); the DCG's own accuracy sits beside the diffusion's.
@@ -26,7 +27,7 @@ COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("auroc_macro_ovr
 IGNORED_KEYS = ("train.seed", "data.fold")  # what varies inside a group
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The runs cannot be compared as given; the message names the run and the fix."""
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..errors import UserError
 from ..fileio import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -31,7 +32,7 @@ EVAL_FOLDER = "eval/test"  # RUN/eval/test/metrics.json: what `diffmic compare` 
 STATUSES = ("pending", "queued", "training", "evaluating", "finished", "failed")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep cannot be planned or resumed as asked; the message says what to change."""
 
 
