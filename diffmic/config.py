@@ -393,6 +393,18 @@ def _migrate(values: dict) -> dict:
     return values
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys, the form of `--set` and of every message: {"train": {"lr": 1}} ->
+    {"train.lr": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_from_dict(values: dict) -> Config:
     if not isinstance(values, dict):
         raise ConfigError("", f"expected a mapping at the top level, got {type(values).__name__}")

@@ -9,7 +9,6 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -111,14 +110,6 @@ def import_weights(cfg, ckpt: Path, aux_ckpt: Path):
     return files, convert_reference(files, expected)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- output -------------------------------------------------------------------------------------------
 def write_imported_run(out: Path, cfg, config_path: Path, classes: list[str], data_origin: dict, ckpt: Path,
                        aux_ckpt: Path, files, imported):
@@ -126,11 +117,12 @@ def write_imported_run(out: Path, cfg, config_path: Path, classes: list[str], da
     from .. import __version__
     from ..checkpoint import write_best_checkpoint, write_weights_checkpoint
     from ..engine.rundir import git_commit, write_run_files
+    from ..fileio import file_sha256
 
     origin = {
         "code": "github.com/scott-yjyang/DiffMIC",
-        "ckpt": str(ckpt.resolve()), "ckpt_sha256": sha256(ckpt),
-        "aux_ckpt": str(aux_ckpt.resolve()), "aux_ckpt_sha256": sha256(aux_ckpt),
+        "ckpt": str(ckpt.resolve()), "ckpt_sha256": file_sha256(ckpt),
+        "aux_ckpt": str(aux_ckpt.resolve()), "aux_ckpt_sha256": file_sha256(aux_ckpt),
         "epoch": files.epoch, "step": files.step,
         "denoiser_ema": ("the authors' EMA shadow (item 4 of --ckpt) in ema.safetensors; raw weights in "
                          "model.safetensors" if imported.ema is not None else

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..config import Config, dump_config
+from ..config import Config, dump_config, flatten
 from ..fileio import write_text_atomic
 
 
@@ -105,17 +105,10 @@ class MetricsLog:
 def tracker_parameters(config: Config, provenance: dict, facts: dict) -> dict:
     """The run's hyper-parameters for the trackers: every config key (dotted; lists as text, which every
     tracker accepts), its provenance (commit, shards, manifest hash) and the caller's facts."""
-    def flatten(values: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-        return flat
-
     extra = {key: value for key, value in {**provenance, **facts}.items() if key != "classes"}
-    return {**flatten(config.to_dict()), **flatten(extra, "run."), "run.classes": ",".join(provenance["classes"])}
+    flat = {**flatten(config.to_dict()), **flatten(extra, "run.")}
+    return {**{key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in flat.items()},
+            "run.classes": ",".join(provenance["classes"])}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

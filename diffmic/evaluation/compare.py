@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..config import flatten
 from ..errors import UserError
 from ..fileio import write_text_atomic
 
@@ -39,16 +40,6 @@ class RunResult:
     metrics_file: Path
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def test_metrics_file(run_dir: Path) -> Path:
     """RUN/eval/test/metrics.json (what a sweep writes), else the newest test-split metrics.json under RUN/eval."""
     preferred = run_dir / "eval" / "test" / "metrics.json"
@@ -65,7 +56,7 @@ def load_result(run_dir: Path) -> RunResult:
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise CompareError(f"{run_dir} has no config.yaml: is it a run folder made by `diffmic train`?")
-    settings = {key: value for key, value in _flatten(yaml.safe_load(config_file.read_text())).items()
+    settings = {key: value for key, value in flatten(yaml.safe_load(config_file.read_text())).items()
                 if key not in IGNORED_KEYS}
     path = test_metrics_file(run_dir)
     return RunResult(run_dir, settings, json.loads(path.read_text()), path)

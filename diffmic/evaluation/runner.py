@@ -21,6 +21,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..accelerator import inference_precision, make_accelerator
 from ..data import eval_loader, read_manifest
+from ..data.images import IMAGE_SUFFIXES
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
@@ -31,7 +32,6 @@ from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot
 from .settings import EvalSettings, resolve_eval_settings
 
 TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
