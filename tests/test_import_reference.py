@@ -190,7 +190,7 @@ def directly_loaded_model(authors_states, use_ema: bool, folder: Path):
 
 def direct_probabilities(model, config, batches) -> dict[str, np.ndarray]:
     result = predict_batches(model, batches, torch.device("cpu"), config.train.seed,
-                             resolve_eval_settings(config).sampling)
+                             resolve_eval_settings(config))
     return dict(zip(result.keys, result.probs))
 
 

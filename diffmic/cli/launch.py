@@ -6,17 +6,15 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from ..launch.slurm import FINISHED_OK, UNFINISHED, DistributedJob, SlurmOptions, job_state, sbatch_script, submit
-from .common import UserError, console
+from .common import UserError, console, field_options, with_options
 
 PANEL = "Slurm"
 
@@ -26,16 +24,9 @@ def _option(name: str, annotation: type, default, flag: str, help: str) -> inspe
                              default=typer.Option(default, flag, help=help, rich_help_panel=PANEL))
 
 
-def _field_options(group: type) -> list[inspect.Parameter]:
-    """One option per field of the dataclass `group`: its type and default, the flag and help its metadata names
-    (diffmic.launch.flag)."""
-    types = typing.get_type_hints(group)
-    return [_option(f.name, types[f.name], f.default, f.metadata["flag"], f.metadata["help"]) for f in fields(group)]
-
-
 LAUNCH_OPTIONS = [
     _option("slurm", bool, False, "--slurm", "Submit to Slurm through submitit instead of running here."),
-    *_field_options(SlurmOptions),
+    *field_options(SlurmOptions, PANEL),
     _option("dry_run", bool, False, "--dry-run", "Print the resources and the sbatch script; submit nothing."),
     _option("wait", bool, False, "--wait", "Wait for the job and exit non-zero if it fails."),
 ]
@@ -109,22 +100,9 @@ def local_processes(resources: dict) -> tuple[int, bool]:
     return gpus, False
 
 
-def with_launch_options(command):
-    """Adds LAUNCH_OPTIONS to a Typer command (after its own options); the command receives them as one
-    `launch: Launch` argument."""
-    own = [parameter for name, parameter in inspect.signature(command).parameters.items() if name != "launch"]
-    names = [option.name for option in LAUNCH_OPTIONS]
-
-    @functools.wraps(command)
-    def run(**values):
-        flags = {name: values.pop(name) for name in names}
-        return command(**values, launch=Launch.from_flags(**flags))
-
-    # Typer reads the signature and the type hints: the command's own, then the launch options.
-    run.__signature__ = inspect.Signature(own + LAUNCH_OPTIONS)
-    run.__annotations__ = {**{name: hint for name, hint in command.__annotations__.items() if name != "launch"},
-                           **{option.name: option.annotation for option in LAUNCH_OPTIONS}}
-    return run
+# Adds LAUNCH_OPTIONS to a Typer command (after its own options); the command receives them as one
+# `launch: Launch` argument.
+with_launch_options = with_options("launch", LAUNCH_OPTIONS, Launch.from_flags)
 
 
 def wait_for(record: dict, run_dir: Path, poll: float = 5.0) -> None:

@@ -12,7 +12,6 @@ from ..config import Config
 from ..data import eval_loader
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
 from ..evaluation.metrics import classification_metrics, selection_score
-from ..evaluation.settings import resolve_eval_settings
 from .distributed import forward_autocast
 
 
@@ -32,7 +31,7 @@ class Validator:
         self.accelerator, self.shard_dir, self.manifest, self.config = accelerator, shard_dir, manifest, config
         self.split = config.train.select_split
         self.metric = config.train.select_metric
-        self.settings = resolve_eval_settings(config)
+        self.settings = config.eval
 
     def __call__(self, module, ema, step: int, epoch: int) -> Validation:
         acc, settings = self.accelerator, self.settings
@@ -41,7 +40,7 @@ class Validator:
         weights = ema.swapped_into(module.denoiser) if (ema is not None and settings.use_ema) else nullcontext()
         started = time.perf_counter()
         with weights:
-            local = predict_batches(module, loader, acc.device, self.config.train.seed, settings.sampling,
+            local = predict_batches(module, loader, acc.device, self.config.train.seed, settings,
                                     autocast=forward_autocast(acc))
         predictions = gather_predictions(local, acc)
         # With data.fold, 'val' is that fold of the train split (Manifest.selection).

@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..config import flag
 from ..errors import SlurmError
 from ..fileio import write_json_atomic
-from . import flag
 
 # RUN/slurm_train.json and RUN/slurm_eval.json record the submitted jobs for `diffmic status`.
 JOB_FILE = "slurm_{kind}.json"
@@ -91,11 +91,11 @@ def run_job(kind: str, arguments: dict, run_dir: str | None, progress: bool = Fa
     process prints what the command would have printed had it run here."""
     if kind == "eval":
         from ..evaluation.runner import evaluate_run, print_result
-        from ..evaluation.settings import EvalSettings
+        from ..config import EvalConfig
 
         settings = arguments.get("settings")
         if isinstance(settings, dict):  # sent as JSON to local processes
-            arguments = {**arguments, "settings": EvalSettings.from_dict(settings)}
+            arguments = {**arguments, "settings": EvalConfig(**settings)}
         result = evaluate_run(**arguments, progress=progress)
         if announce and result.out_dir is not None:
             print_result(result, arguments.get("split", "test"), arguments.get("checkpoint", "best"))
