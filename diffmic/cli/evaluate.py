@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 import typer
 from rich.table import Table
 
 from ..config import EvalConfig
+from ..run import RunFolder
 from .common import app, console, field_options, with_options
 from .launch import Launch, with_launch_options
 
@@ -49,20 +49,12 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
-    from ..evaluation.runner import evaluate_run, print_result
+    from ..launch.job import EvalJob
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
     settings = resolved_settings(run, checkpoint, choices)
-    if launch.elsewhere:
-        absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
-        arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
-                     "out_dir": absolute(out), "shards": absolute(shards)}
-        launch.start("eval", arguments, Path(run).resolve(), progress)
-        return
-
-    result = evaluate_run(run, checkpoint, split, settings, out, shards, progress)
-    if result.out_dir is not None:
-        print_result(result, split, checkpoint)
+    path = lambda value: str(value) if value is not None else None  # noqa: E731
+    launch.run(EvalJob(str(run), checkpoint, split, settings, path(out), path(shards)), progress)
 
 
 @app.command("predict")
@@ -112,6 +104,6 @@ def predict_command(
         flagged = sum(row["check"] == "yes" for row in rows)
         console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g}: check them by hand",
                       highlight=False)
-    path = out or Path(run) / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    path = out or RunFolder(run).predictions_file()
     write_rows_csv(rows, path)
     console.print(f"wrote {path}", highlight=False)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import typer
 
+from ..launch.job import Job, to_json
 from ..launch.slurm import FINISHED_OK, UNFINISHED, DistributedJob, SlurmOptions, job_state, sbatch_script, submit
+from ..run import RunFolder
 from .common import UserError, console, field_options, with_options
 
 PANEL = "Slurm"
@@ -34,10 +36,10 @@ LAUNCH_OPTIONS = [
 
 @dataclass(frozen=True)
 class Launch:
-    """How a command runs: as one submitit job with these resources (`job`), or here in `processes` local
-    processes (on the CPU when `cpu`); one process here is the plain call."""
+    """How a command runs its job: as one submitit job with these resources (`slurm`), or here in `processes`
+    local processes (on the CPU when `cpu`); one process here is the plain call."""
 
-    job: SlurmOptions | None
+    slurm: SlurmOptions | None
     dry_run: bool
     wait: bool
     processes: int = 1
@@ -52,34 +54,38 @@ class Launch:
     @property
     def elsewhere(self) -> bool:
         """The command's work runs in other processes (a job, or several local ones), not in this one."""
-        return self.job is not None or self.processes > 1
+        return self.slurm is not None or self.processes > 1
 
-    def start(self, kind: str, arguments: dict, run_dir: Path, progress: bool = False) -> None:
-        """Submits the job, or runs the local processes and returns when they end."""
-        if self.job is not None:
-            self.submit(kind, arguments, run_dir)
+    def run(self, job: Job, progress: bool = True) -> None:
+        """Runs the job here, or in the local processes (returning when they end), or submits it."""
+        if not self.elsewhere:
+            job.run(progress)
+            return
+        job = job.absolute()  # the processes may start in another folder, or on another machine
+        if self.slurm is not None:
+            self.submit(job, Path(job.run_dir))
             return
         from ..launch.local import launch_processes
 
-        launch_processes(kind, arguments, str(run_dir), self.processes, self.cpu, progress,
+        launch_processes(job, self.processes, self.cpu, progress,
                          report=lambda line: console.print(line, highlight=False))
 
-    def submit(self, kind: str, arguments: dict, run_dir: Path) -> None:
+    def submit(self, job: Job, run_dir: Path) -> None:
         """Submits (or, with --dry-run, describes) the job and tells the user how to follow it."""
-        job, name = self.job, f"diffmic-{kind}-{run_dir.name}"
+        options, name = self.slurm, f"diffmic-{job.kind}-{run_dir.name}"
         if self.dry_run:
-            console.print(f"[bold]{kind} job[/] {name}: {job.nodes} node(s) x {job.tasks()} task(s), "
-                          f"{job.gpus} GPU(s) per node, time {job.time}, run folder {run_dir}", highlight=False)
-            console.print(sbatch_script(job, run_dir / "slurm", name), highlight=False, markup=False)
+            console.print(f"[bold]{job.kind} job[/] {name}: {options.nodes} node(s) x {options.tasks()} task(s), "
+                          f"{options.gpus} GPU(s) per node, time {options.time}, run folder {run_dir}",
+                          highlight=False)
+            console.print(sbatch_script(options, RunFolder(run_dir).slurm_logs, name), highlight=False, markup=False)
             console.print("dry run: nothing was submitted")
             return
-        submitted, record = submit(DistributedJob(kind, arguments, str(run_dir), job.max_requeues), job, run_dir,
-                                   name)
-        console.print(f"submitted {kind} job {record['job_id']}; logs in {record['log_dir']}\n"
+        submitted, record = submit(DistributedJob(to_json(job), options.max_requeues), options, run_dir, name)
+        console.print(f"submitted {job.kind} job {record['job_id']}; logs in {record['log_dir']}\n"
                       f"follow it with: diffmic status {run_dir}   (or tail -f {record['log_dir']}/*_0_log.out)",
                       highlight=False)
         if self.wait:
-            if job.local:
+            if options.local:
                 submitted.wait()  # the local tasks are this process's children: wait on them directly
             wait_for(record, run_dir)
 

@@ -58,7 +58,7 @@ def sweep_command(
     if launch.processes > 1:
         raise UserError("a sweep without --slurm trains its runs one after another, one process each: drop "
                         "--gpus/--tasks-per-node, or submit it with --slurm")
-    if launch.job is not None:
+    if launch.slurm is not None:
         submit_as_array(plan, sweep_dir, launch, array_parallelism, report)
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -75,18 +75,18 @@ def sweep_command(
 def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, report) -> None:
     """--slurm: the unfinished runs as one job array (or, with --dry-run, its sbatch script)."""
     from ..launch.slurm import check_array, sbatch_script
-    from ..launch.sweep import SweepPlan, runs_to_do, submit_sweep
+    from ..launch.sweep import SweepPlan, runs_to_do, submit_sweep, sweep_logs
 
-    check_array(launch.job, parallelism)
+    check_array(launch.slurm, parallelism)
     if launch.dry_run:
         todo = len(runs_to_do(plan, sweep_dir, report))
-        console.print(sbatch_script(launch.job, sweep_dir / "slurm", f"diffmic-sweep-{sweep_dir.name}", todo,
+        console.print(sbatch_script(launch.slurm, sweep_logs(sweep_dir), f"diffmic-sweep-{sweep_dir.name}", todo,
                                     parallelism), highlight=False, markup=False)
         console.print(f"dry run: a job array of {todo} run(s), at most {parallelism} at once; nothing was submitted")
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     plan.save(sweep_dir)
-    jobs = submit_sweep(plan, sweep_dir, launch.job, parallelism, report)
+    jobs = submit_sweep(plan, sweep_dir, launch.slurm, parallelism, report)
     if not jobs:
         report(f"all runs finished; the table: diffmic compare {sweep_dir}")
         return

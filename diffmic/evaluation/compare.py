@@ -21,6 +21,7 @@ import yaml
 from ..config import flatten
 from ..errors import UserError
 from ..fileio import write_text_atomic
+from ..run import RunFolder
 
 # (metrics.json key, column title); the DCG's own accuracy sits beside the diffusion's.
 COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("auroc_macro_ovr", "AUROC"),
@@ -42,18 +43,18 @@ class RunResult:
 
 def test_metrics_file(run_dir: Path) -> Path:
     """RUN/eval/test/metrics.json (what a sweep writes), else the newest test-split metrics.json under RUN/eval."""
-    preferred = run_dir / "eval" / "test" / "metrics.json"
+    folder = RunFolder(run_dir)
+    preferred = folder.test_evaluation / "metrics.json"
     if preferred.is_file():
         return preferred
-    found = [path for path in (run_dir / "eval").glob("*/metrics.json")
-             if json.loads(path.read_text()).get("split") == "test"]
+    found = [path for path in folder.evaluations() if json.loads(path.read_text()).get("split") == "test"]
     if not found:
         raise CompareError(f"{run_dir} has no evaluation of its test split; run `diffmic eval --run {run_dir}`")
     return max(found, key=os.path.getmtime)
 
 
 def load_result(run_dir: Path) -> RunResult:
-    config_file = run_dir / "config.yaml"
+    config_file = RunFolder(run_dir).config_file
     if not config_file.is_file():
         raise CompareError(f"{run_dir} has no config.yaml: is it a run folder made by `diffmic train`?")
     settings = {key: value for key, value in flatten(yaml.safe_load(config_file.read_text())).items()

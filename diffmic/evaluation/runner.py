@@ -27,6 +27,7 @@ from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
 from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
+from ..run import RunFolder
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import classification_metrics, metrics_table
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
@@ -120,8 +121,8 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalConfig |
     metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
     out = None
     if accelerator.is_main_process:
-        named = f"{split}-{checkpoint}-{settings.sampler}{settings.steps}"
-        out = Path(out_dir) if out_dir else run_dir / "eval" / named
+        out = Path(out_dir) if out_dir else RunFolder(run_dir).default_evaluation(split, checkpoint, settings.sampler,
+                                                                                 settings.steps)
         write_outputs(out, predictions, metrics, manifest.classes)
     accelerator.wait_for_everyone()
     return EvalResult(out, metrics, predictions)
