@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import Config
 from ..data import eval_loader
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
-from ..evaluation.metrics import classification_metrics, selection_score
+from ..evaluation.metrics import METRICS, selection_score, split_metrics
 from .distributed import forward_autocast
 
 
@@ -45,14 +45,11 @@ class Validator:
         predictions = gather_predictions(local, acc)
         # With data.fold, 'val' is that fold of the train split (Manifest.selection).
         check_keys(predictions, self.manifest.selection(self.split, self.config.data.fold).keys, self.split)
-        classes = self.manifest.classes
-        metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-        dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
+        metrics = split_metrics(predictions.labels, predictions.probs, predictions.dcg_probs, self.manifest.classes)
         score = selection_score(metrics, self.metric)
         split = self.split
-        row = {"step": step, "epoch": epoch, "split": split, f"{split}/accuracy": metrics["accuracy"],
-               f"{split}/macro_f1": metrics["macro_f1"], f"{split}/kappa": metrics["kappa_quadratic"],
-               f"{split}/dcg_accuracy": dcg["accuracy"], f"{split}/dcg_macro_f1": dcg["macro_f1"],
-               f"{split}/seconds": time.perf_counter() - started,
+        # The registered metrics marked `logged` (diffmic.evaluation.metrics.METRICS), then the time it took.
+        logged = {f"{split}/{metric.logged}": metrics[metric.key] for metric in METRICS if metric.logged}
+        row = {"step": step, "epoch": epoch, "split": split, **logged, f"{split}/seconds": time.perf_counter() - started,
                "selection_score": score}
         return Validation(row, score)

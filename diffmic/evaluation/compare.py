@@ -22,10 +22,10 @@ from ..config import flatten
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..run import RunFolder
+from .metrics import METRICS
 
-# (metrics.json key, column title); the DCG's own accuracy sits beside the diffusion's.
-COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("auroc_macro_ovr", "AUROC"),
-           ("kappa_quadratic", "kappa"), ("ece", "ECE"), ("dcg_accuracy", "DCG accuracy"))
+# (metrics.json key, column title) of the registered metrics that have a column (diffmic.evaluation.metrics).
+COLUMNS = tuple((metric.key, metric.column) for metric in METRICS if metric.column)
 IGNORED_KEYS = ("train.seed", "data.fold")  # what varies inside a group
 
 

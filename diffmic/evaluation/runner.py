@@ -29,7 +29,7 @@ from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
 from ..run import RunFolder
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
-from .metrics import classification_metrics, metrics_table
+from .metrics import metrics_table, split_metrics
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
 
 TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
@@ -129,10 +129,9 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalConfig |
 
 
 def _report(predictions, classes, info, manifest, split, settings: EvalConfig, seconds) -> dict:
-    metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-    dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
+    metrics = split_metrics(predictions.labels, predictions.probs, predictions.dcg_probs, classes)
     metrics.update({
-        "dcg_accuracy": dcg["accuracy"], "dcg_macro_f1": dcg["macro_f1"], "split": split,
+        "split": split,
         "sampler": settings.sampler, "steps": settings.steps,
         "n_samples": settings.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
         "compiled": settings.compile,
@@ -184,14 +183,11 @@ def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
 
 
 def print_metrics(metrics: dict, title: str) -> None:
+    """The registered metrics (diffmic.evaluation.metrics.METRICS), then how the chains were sampled."""
     from rich.console import Console
 
-    extra = [("DCG accuracy", metrics["dcg_accuracy"]), ("DCG macro F1", metrics["dcg_macro_f1"]),
-             ("ECE (DCG)", f"{metrics['ece']:.4f} ({metrics['dcg_ece']:.4f})")]
-    if "uncertainty_auroc" in metrics:
-        extra.append(("uncertainty AUROC (wrong vs right)", metrics["uncertainty_auroc"]))
-    extra += [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
-              ("images/s", f"{metrics['images_per_s']:.1f}")]
+    extra = [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
+             ("images/s", f"{metrics['images_per_s']:.1f}")]
     Console().print(metrics_table(metrics, title, extra))
 
 
