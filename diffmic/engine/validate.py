@@ -50,6 +50,7 @@ class Validator:
         split = self.split
         # The registered metrics marked `logged` (diffmic.evaluation.metrics.METRICS), then the time it took.
         logged = {f"{split}/{metric.logged}": metrics[metric.key] for metric in METRICS if metric.logged}
-        row = {"step": step, "epoch": epoch, "split": split, **logged, f"{split}/seconds": time.perf_counter() - started,
+        seconds = time.perf_counter() - started
+        row = {"step": step, "epoch": epoch, "split": split, **logged, f"{split}/seconds": seconds,
                "selection_score": score}
         return Validation(row, score)

@@ -4,9 +4,9 @@ evaluated on its test split, resumable by running the same command again.
 The plan is `SWEEP/sweep.json` (every run's config file, overrides, seed, fold and, with --slurm, its array
 task). Each run is an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same jobs
 (diffmic.launch.job) as `diffmic train` and `diffmic eval`, each in a child process: one run's crash cannot
-take the sweep down, and a resumed run goes through the trainer's own resume from its latest checkpoint. Whoever executes a run
-(the local loop, or its Slurm array task) writes its status to `SWEEP/runs/<name>/sweep-status.json`, so
-array tasks running at once never write the same file.
+take the sweep down, and a resumed run goes through the trainer's own resume from its latest checkpoint.
+Whoever executes a run (the local loop, or its Slurm array task) writes its status to
+`SWEEP/runs/<name>/sweep-status.json`, so array tasks running at once never write the same file.
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def train_job(run: SweepRun, folder: RunFolder, shards: str | None) -> tuple[Tra
     from ..data import shard_dir_for
 
     config = load_config(run.config_file, run.overrides)
-    args = ["train", "--config", run.config_file, "--run-dir", str(folder.path), *(["--shards", shards] if shards else []),
+    args = ["train", "--config", run.config_file, "--run-dir", str(folder.path),
+            *(["--shards", shards] if shards else []),
             *[item for override in run.overrides for item in ("--set", override)]]
     command = shlex.join(["diffmic", *args])
     facts = {"config_file": str(Path(run.config_file).resolve()), "command": command}
@@ -251,7 +252,8 @@ def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
         run.write_status(sweep_dir)
         on_change(run)
 
-    for status, make_job in (("training", lambda: train_job(run, folder, shards)), ("evaluating", lambda: eval_job(folder))):
+    steps = (("training", lambda: train_job(run, folder, shards)), ("evaluating", lambda: eval_job(folder)))
+    for status, make_job in steps:
         run.status = status
         changed(run)
         try:
@@ -260,7 +262,8 @@ def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
             run.status, run.error = "failed", f"{status} failed: {error}"
             break
         if _run_child(job, command, folder.sweep_log) != 0:
-            run.status, run.error = "failed", f"{status} failed: {_last_lines(folder.sweep_log)} (log: {folder.sweep_log})"
+            log = folder.sweep_log
+            run.status, run.error = "failed", f"{status} failed: {_last_lines(log)} (log: {log})"
             break
     else:
         run.status = "finished"
