@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -53,8 +54,7 @@ def eval_command(
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
     settings = resolved_settings(run, checkpoint, choices)
-    path = lambda value: str(value) if value is not None else None  # noqa: E731
-    launch.run(EvalJob(str(run), checkpoint, split, settings, path(out), path(shards)), progress)
+    launch.run(EvalJob(str(run), checkpoint, split, settings, out and str(out), shards and str(shards)), progress)
 
 
 @app.command("predict")
