@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from diffmic.diffusion.sampler import sample
+
 from sampling import BATCH, measure, report
 from timing import REPO_CONFIGS, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
 

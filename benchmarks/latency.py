@@ -21,6 +21,7 @@ import torch
 
 from diffmic.accelerator import inference_precision
 from diffmic.evaluation.settings import resolve_eval_settings
+
 from timing import REPO_CONFIGS, device_and_threads, model_for, timed
 
 PAPER = "paper (HAM10000, 224 px, C=7)"

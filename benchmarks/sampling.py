@@ -15,7 +15,17 @@ from contextlib import nullcontext
 import torch
 
 from diffmic.evaluation.settings import resolve_eval_settings
-from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
+
+from timing import (
+    REPO_CONFIGS,
+    PartTimer,
+    add_device_options,
+    autocast,
+    batch_for,
+    device_and_threads,
+    model_for,
+    timed,
+)
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 4, "digits (64 px, C=10)": 64}
 

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
 from .diffusion.probability import AGGREGATES, PROBABILITY_RULES, conflict, rule_in_force
 from .diffusion.sampler import SAMPLERS
+from .errors import UserError
 
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
 CELL_SIZE = 32

@@ -21,10 +21,10 @@ from diffmic import checkpoint as ckpt
 from diffmic.checkpoint import files
 from diffmic.checkpoint.manager import CheckpointManager, choose_start
 from diffmic.config import ConfigError, load_config
-from diffmic.run import RunFolder
-from diffmic.run.lock import RunLock, process_start
 from diffmic.engine.trainer import TrainerState
 from diffmic.errors import CheckpointError, DiskFullError, RunLockError
+from diffmic.run import RunFolder
+from diffmic.run.lock import RunLock, process_start
 
 
 # --- when to save ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_fixtures import imagefolder_layout
 from diffmic.data import ShardOptions, read_manifest, shard_dataset
-from engine_helpers import REPO, accelerate_launch, diffmic, diffmic_here
+from engine_helpers import accelerate_launch, diffmic, diffmic_here
 
 pytestmark = pytest.mark.timeout(900)
 

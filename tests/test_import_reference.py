@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from PIL import Image
+from torch import nn
 from torchvision.models import resnet18
 
 from diffmic.checkpoint import find_checkpoint, load_weights

@@ -7,8 +7,13 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from diffmic.evaluation import (classification_metrics, metrics_table, plot_confusion_matrix, plot_trajectory,
-                                selection_score)
+from diffmic.evaluation import (
+    classification_metrics,
+    metrics_table,
+    plot_confusion_matrix,
+    plot_trajectory,
+    selection_score,
+)
 from diffmic.evaluation.plots import _panel_indices, _shared_projection
 
 # sklearn's zero-division and single-label warnings must be handled, not printed.

@@ -5,8 +5,8 @@ import torch
 from torchvision import models
 
 from diffmic.config import EvalConfig, config_from_dict, load_config
-from diffmic.models import DCG, Denoiser, DiffMIC, crop_tiles, select_roi_cells, top_t_pool
 from diffmic.errors import PretrainedWeightsError
+from diffmic.models import DCG, Denoiser, DiffMIC, crop_tiles, select_roi_cells, top_t_pool
 from diffmic.models.backbones import ResNetTrunk
 
 SMALL = {"data": {"num_classes": 3, "image_size": 64},

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from diffmic import checkpoint as ckpt
+from diffmic.errors import CheckpointError
 from diffmic.run import RunFolder
 from diffmic.run.lock import RunLock
-from diffmic.errors import CheckpointError
 from engine_helpers import REPO, TINY, cpu_environment, diffmic_here, evil_pickle, evil_torch_file, model_weights
 
 CONFIG = str(REPO / "configs" / "digits.yaml")

@@ -19,8 +19,20 @@ import torch
 from ..config import Config, flatten
 from ..errors import CheckpointError, DiskFullError
 from . import record as ckpt
-from .files import (capture_rng, first_line, flatten_optimizer, gigabytes, load_tensors, load_weights_only,
-                    read_json, refuse, restore_rng, save_tensors, unflatten_optimizer, write_json)
+from .files import (
+    capture_rng,
+    first_line,
+    flatten_optimizer,
+    gigabytes,
+    load_tensors,
+    load_weights_only,
+    read_json,
+    refuse,
+    restore_rng,
+    save_tensors,
+    unflatten_optimizer,
+    write_json,
+)
 
 # Settings that cannot change on an exact resume even when named in allow_changes: the weights' shapes
 # and meaning (MODEL_KEYS) and the engine whose files the training state is in.

@@ -8,6 +8,7 @@ import typer
 
 from .common import UserError, app, console
 
+
 def write_curves(run: Path) -> Path:
     """RUN/curves.png from RUN/metrics.jsonl; UserError when there is nothing to draw yet."""
     from ..evaluation.curves import draw_run_curves

@@ -20,9 +20,9 @@ def status_command(
       diffmic status runs/ham10000-20261125-101500
       diffmic status --run runs/ham10000-20261125-101500
     """
-    from ..run import RunFolder, read_metrics
     from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
     from ..launch.sweep import SWEEP_FILE
+    from ..run import RunFolder, read_metrics
 
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")

@@ -13,8 +13,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, complete_checkpoints,
-                          load_for_fine_tuning, remove_partials, without_pretrained)
+from ..checkpoint import (
+    CheckpointManager,
+    CheckpointPolicy,
+    Start,
+    best_record,
+    choose_start,
+    complete_checkpoints,
+    load_for_fine_tuning,
+    remove_partials,
+    without_pretrained,
+)
 from ..config import Config, ConfigError
 from ..data import read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import EvalConfig
 from ..accelerator import inference_precision, make_accelerator
+from ..config import EvalConfig
 from ..data import eval_loader, read_manifest
 from ..data.images import IMAGE_SUFFIXES
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
-from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
 from ..run import RunFolder
+from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import metrics_table, split_metrics
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory

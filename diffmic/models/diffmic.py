@@ -15,10 +15,10 @@ from torch import nn
 
 from .. import hardware
 from ..config import Config, EvalConfig
-from ..errors import EvalSettingsError
 from ..diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
 from ..diffusion.probability import chain_disagreement, chain_probabilities
 from ..diffusion.sampler import reverse_step
+from ..errors import EvalSettingsError
 from .backbones import PlainClassifier
 from .dcg import DCG, GuidanceLogits
 from .denoiser import Denoiser
