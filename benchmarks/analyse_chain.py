@@ -70,10 +70,10 @@ def test_split(info, run_dir: Path) -> tuple[list[str], torch.Tensor, np.ndarray
 def chains(model, keys, images, seed: int, sampler: str, steps: int, n_samples: int, batch: int = 128):
     """Every chain's final state (N, n_samples, C) and the DCG's probabilities (N, C), with eval's noise. A model
     without a diffusion (`basic`) has no chains: None and the classifier's probabilities."""
-    from diffmic.diffusion import SamplingSettings
+    from diffmic.config import EvalConfig
     from diffmic.evaluation.inference import per_sample_noise
 
-    sampling = SamplingSettings(sampler, steps, n_samples, "mean", "positive_part")
+    sampling = EvalConfig(sampler=sampler, steps=steps, n_samples=n_samples)
     states, dcg = [], []
     for start in range(0, len(keys), batch):
         part = keys[start:start + batch]
@@ -128,8 +128,7 @@ def class_flips(labels: np.ndarray, probs: np.ndarray, dcg_probs: np.ndarray, cl
 
 
 def analyse(run_dir: Path, checkpoint: str) -> dict:
-    from diffmic.models.diffmic import chain_probabilities
-    from diffmic.diffusion.sampler import PROBABILITY_RULES
+    from diffmic.diffusion.probability import PROBABILITY_RULES, chain_probabilities
 
     info, models = None, {}
     for ema in (True, False):
@@ -161,7 +160,7 @@ def mean(values: list) -> str:
 
 def report(results: list[dict]) -> list[str]:
     """Markdown tables: mean ± sample std over the runs given."""
-    from diffmic.diffusion.sampler import PROBABILITY_RULES
+    from diffmic.diffusion.probability import PROBABILITY_RULES
 
     lines = [f"{len(results)} run(s): " + ", ".join(r["run"] for r in results), "",
              "Denoiser MSE relative to eps_hat = 0 (below 1: it predicts the noise better than nothing)", "",

@@ -28,9 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffmic.config import AugmentConfig, DataConfig
-from diffmic.data import Manifest, ShardOptions, shard_dataset, train_loader
-from diffmic.data import verify
+from diffmic.data import Manifest, ShardOptions, shard_dataset, train_loader, verify
 from diffmic.data.images import augment_image, preprocess_image
+
 from timing import device_and_threads
 
 BATCH_SIZE = 32

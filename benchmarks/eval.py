@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from diffmic.diffusion.sampler import SamplingSettings, sample
+from diffmic.diffusion.sampler import sample
+
 from sampling import BATCH, measure, report
 from timing import REPO_CONFIGS, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
 
@@ -28,8 +29,7 @@ def encode_every_step(model, images, steps: int) -> None:
     def denoise(y_t, t):
         return model.denoiser(model.denoiser.encode(images), y_t, prior, t)
 
-    sample(denoise, prior, model.schedule,
-           SamplingSettings("respaced", steps, n_samples=1, aggregate="mean", probability="positive_part"))
+    sample(denoise, prior, model.schedule, "respaced", steps)
 
 
 def baseline_images_per_s(model, images, steps: int, repeats: int, precision) -> float:

@@ -41,13 +41,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import data as loader_benchmark
 import latency
 import memory
-import sampling
-import train_step
+import torch
+from suite_report import Skipped, as_markdown, attempt, figure, header, run_steps
+
 from diffmic.accelerator import free_port
 from diffmic.checkpoint import without_pretrained
 from diffmic.config import load_config
@@ -57,7 +56,9 @@ from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
 from diffmic.engine.step import TrainStep
 from diffmic.hardware import cpu_has_native_bf16
 from diffmic.models import build_model
-from suite_report import Skipped, as_markdown, attempt, figure, header, run_steps
+
+import sampling
+import train_step
 from timing import REPO_CONFIGS, cpu_description, model_for, synthetic_batch
 
 PAPER_CONFIG = REPO_CONFIGS[latency.PAPER]
@@ -278,6 +279,18 @@ def loader_throughput(suite: Suite) -> dict:
 
 
 # --- 6. the 24 GB question ---------------------------------------------------------------------------
+def peaks_and_largest(training, sizes: Sizes, device: torch.device, bf16: bool) -> dict:
+    """The peak at each of the chosen batches and the largest batch that trains (None: out of memory)."""
+    def peak(batch: int) -> float | None:
+        return memory.peak_gib(training, batch, device, bf16)
+
+    peaks = {batch: peak(batch) for batch in sizes.memory_batches}
+    fitting = [batch for batch, gib in peaks.items() if gib is not None]
+    largest = memory.largest_training_batch(lambda batch: peak(batch) is not None, max(fitting, default=0),
+                                            list(sizes.memory_search))
+    return {"peaks_gib": peaks, "largest": largest}
+
+
 def measured_under_cap(suite: Suite) -> dict:
     """Peaks at the chosen batches and the largest batch that trains, per precision, with this process
     capped at the card's memory."""
@@ -288,15 +301,9 @@ def measured_under_cap(suite: Suite) -> dict:
     measured = {}
     try:
         for precision in ("bf16", "fp32"):
-            training = memory.paper_training(device, sizes.overrides)
-            peak = lambda batch: memory.peak_gib(training, batch, device, precision == "bf16")  # noqa: E731
-            peaks = {batch: peak(batch) for batch in sizes.memory_batches}
-            fitting = [batch for batch, gib in peaks.items() if gib is not None]
-            largest = memory.largest_training_batch(lambda batch: peak(batch) is not None, max(fitting, default=0),
-                                                    list(sizes.memory_search))
-            measured[precision] = {"peaks_gib": peaks, "largest": largest}
-            del training, peak
-            gc.collect()
+            measured[precision] = peaks_and_largest(memory.paper_training(device, sizes.overrides), sizes, device,
+                                                    precision == "bf16")
+            gc.collect()  # the model of this precision is gone before the next one is built
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return measured

@@ -21,6 +21,7 @@ import torch
 
 from diffmic.accelerator import inference_precision
 from diffmic.evaluation.settings import resolve_eval_settings
+
 from timing import REPO_CONFIGS, device_and_threads, model_for, timed
 
 PAPER = "paper (HAM10000, 224 px, C=7)"
@@ -36,7 +37,7 @@ def median_seconds(call, repeats: int) -> float:
 
 
 def measure(model, config, device, batch: int, steps: int, repeats: int, bf16: bool) -> dict:
-    sampling = resolve_eval_settings(config, steps, "respaced", n_samples=1).sampling
+    sampling = resolve_eval_settings(config, steps=steps, sampler="respaced", n_samples=1)
     generator = torch.Generator().manual_seed(batch)
     images = torch.randn(batch, 3, config.data.image_size, config.data.image_size, generator=generator).to(device)
     noise = torch.randn(steps + 1, batch, config.data.num_classes, generator=generator).to(device)

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from analyse_chain import chains, load, test_split
-from learn_imbalanced import RAREST, flips, prepare_shards, scores, train_run
+from learn_imbalanced import flips, prepare_shards, scores, train_run
 
 CHAIN_COUNTS = (5, 20)  # configs/digits.yaml's eval.n_samples, and the many-chain setting
 OUTPUTS = (("full", "diffusion", "diffusion"), ("full", "dcg", "its DCG"), ("basic", "dcg", "basic"))
@@ -59,7 +58,7 @@ def parse_budgets(text: str) -> list[tuple[int, int]]:
 def score_run(run_dir: Path) -> dict:
     """Samples the test split at the run's eval settings (respaced, 20 steps) with 5 and 20 chains, with
     `diffmic eval`'s per-image noise; keeps every chain's final state in chains.npz."""
-    from diffmic.models.diffmic import chain_probabilities
+    from diffmic.diffusion.probability import chain_probabilities
 
     info, model = load(run_dir, "last", ema=info_uses_ema(run_dir))
     config, classes = info.config, info.classes
@@ -125,7 +124,7 @@ def summarise(values: list[float]) -> tuple[float, float, int]:
 
 def table(rows: list[dict], group: str, chain_key: str = "diffusion_5") -> list[str]:
     """Markdown: one line per output and budget, mean ± sample std over the seeds."""
-    lines = [f"| output | epochs | seeds | " + " | ".join(FIGURES) + " |", "|---|---|---|" + "---|" * len(FIGURES)]
+    lines = ["| output | epochs | seeds | " + " | ".join(FIGURES) + " |", "|---|---|---|" + "---|" * len(FIGURES)]
     mine = [row for row in rows if row["group"] == group]
     for variant, key, name in OUTPUTS:
         key = chain_key if key == "diffusion" else key

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmic.diffusion.probability import chain_probabilities
 from diffmic.evaluation.calibration import calibration_metrics, selective_accuracy, uncertainty_auroc
 from diffmic.evaluation.uncertainty import MEASURES, ChainOutputs, uncertainty
-from diffmic.models.diffmic import chain_probabilities
 
 CHAIN_COUNTS = (5, 20)
 COVERAGES = (0.9, 0.8, 0.7)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
+
 from timing import REPO_CONFIGS, device_and_threads, model_for, synthetic_batch
 from train_step import one_step
 

@@ -25,7 +25,7 @@ def evaluate(run: Path, checkpoint: str, precision: str, steps: int | None, n_sa
     from diffmic.evaluation.runner import evaluate_run
     from diffmic.evaluation.settings import resolve_eval_settings
 
-    settings = resolve_eval_settings(find_checkpoint(run, checkpoint).config, steps, None, n_samples,
+    settings = resolve_eval_settings(find_checkpoint(run, checkpoint).config, steps=steps, n_samples=n_samples,
                                      precision=precision)
     return evaluate_run(run, checkpoint, "test", settings, out_dir=out, progress=False)
 

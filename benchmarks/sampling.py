@@ -15,7 +15,17 @@ from contextlib import nullcontext
 import torch
 
 from diffmic.evaluation.settings import resolve_eval_settings
-from timing import REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for, timed
+
+from timing import (
+    REPO_CONFIGS,
+    PartTimer,
+    add_device_options,
+    autocast,
+    batch_for,
+    device_and_threads,
+    model_for,
+    timed,
+)
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 4, "digits (64 px, C=10)": 64}
 
@@ -29,7 +39,7 @@ def _measure(model, config, batch: int, steps: int, repeats: int, device) -> dic
     images = torch.randn(batch, 3, config.data.image_size, config.data.image_size, device=device)
     timer = PartTimer({"encoder+dcg": model.dcg, "encoder": model.denoiser.encoder})
     # The config's chains per image and their aggregation, at the steps measured.
-    warm_up, sampling = (resolve_eval_settings(config, n, "respaced").sampling for n in (min(steps, 5), steps))
+    warm_up, sampling = (resolve_eval_settings(config, steps=n, sampler="respaced") for n in (min(steps, 5), steps))
     model.predict(images, warm_up)
     timer.seconds = {k: 0.0 for k in timer.seconds}
     timer.calls = {k: 0 for k in timer.calls}

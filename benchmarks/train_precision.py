@@ -105,9 +105,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep shards, runs and the plot here")
     args = parser.parse_args()
 
-    from timing import device_and_threads
-
     from diffmic.accelerator import inference_precision
+
+    from timing import device_and_threads
 
     native = inference_precision("auto") == "bf16"  # the device's native bf16, as diffmic decides it
     print(f"device: {device_and_threads()}; native bf16: {native}; precisions compared: fp32, bf16")

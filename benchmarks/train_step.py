@@ -16,8 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer, clip_group_gradients
-from timing import (REPO_CONFIGS, PartTimer, add_device_options, autocast, batch_for, device_and_threads, model_for,
-                    synthetic_batch, timed)
+
+from timing import (
+    REPO_CONFIGS,
+    PartTimer,
+    add_device_options,
+    autocast,
+    batch_for,
+    device_and_threads,
+    model_for,
+    synthetic_batch,
+    timed,
+)
 
 BATCH = {"paper (HAM10000, 224 px, C=7)": 8, "digits (64 px, C=10)": 32}
 

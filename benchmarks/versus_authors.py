@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
+
 from sampling import measure
 from timing import REPO_CONFIGS, device_and_threads, model_for
 from train_step import one_step, seconds
-
-from diffmic.engine.optim import ExponentialMovingAverage, build_optimizer
 
 PAPER = REPO_CONFIGS["paper (HAM10000, 224 px, C=7)"]
 

@@ -17,14 +17,16 @@ from typing import Any, Literal
 
 import yaml
 
-from .diffusion.sampler import PROBABILITY_RULES, SAMPLERS
+from .diffusion.probability import AGGREGATES, PROBABILITY_RULES, conflict, rule_in_force
+from .diffusion.sampler import SAMPLERS
+from .errors import UserError
 
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
 CELL_SIZE = 32
 Backbone = Literal["resnet18", "resnet34", "resnet50"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is wrong; the message names the dotted key and what is allowed."""
 
     def __init__(self, key: str, message: str):
@@ -123,6 +125,13 @@ def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
 # Accelerate's experiment trackers and the package each needs (`pip install diffmic[NAME]` for ours).
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "comet_ml": "comet_ml",
             "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def flag(default: Any, name: str, help: str) -> Any:
+    """A dataclass field that is also a command-line flag: diffmic.cli declares the Typer option from this
+    metadata (the eval/predict settings from EvalConfig, the launch flags from SlurmOptions), so a new flag is one
+    field (plus its use)."""
+    return field(default=default, metadata={"flag": name, "help": help})
 
 
 class Section:
@@ -314,29 +323,40 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass
 class EvalConfig(Section):
-    sampler: Literal[SAMPLERS] = "respaced"  # the names diffmic.diffusion.sampler implements
-    steps: int = 250
-    n_samples: int = 1
-    aggregate: Literal["mean", "vote"] = "mean"  # how several chains per image combine
+    """How a run is evaluated, declared once: `diffmic eval`, `predict`, validation during training and sweeps all
+    sample with these settings, resolved whole (diffmic.evaluation.settings). A field declared with `flag(...)` is
+    also an option of `diffmic eval` and `predict`; left unset there, it means the run's own value."""
+
+    # The names diffmic.diffusion.sampler implements.
+    sampler: Literal[SAMPLERS] = flag("respaced", "--sampler", "respaced, truncated (the authors') or ddim.")
+    steps: int = flag(250, "--steps", "Reverse diffusion steps.")
+    n_samples: int = flag(1, "--n-samples", "Chains per image, averaged (their spread is the uncertainty).")
+    aggregate: Literal[AGGREGATES] = "mean"  # how several chains per image combine
     # How y_0 becomes class probabilities: the normalised positive part of the chains' mean state, its softmax
     # (the authors' code), or the share of chains voting each class (one-hot with one chain; aggregate: vote).
     probability: Literal[PROBABILITY_RULES] = "positive_part"
     batch_size: int = 64
-    use_ema: bool = True
+    use_ema: bool = flag(True, "--ema/--no-ema", "Use the EMA weights of the denoiser or the raw ones.")
     # Inference precision: bf16 autocast, fp32, or auto (bf16 where the device has native bf16: a GPU with
     # it, or a CPU with avx512_bf16/AMX; fp32 elsewhere).
-    precision: Literal[PRECISIONS] = "auto"
+    precision: Literal[PRECISIONS] = flag("auto", "--precision", "auto (bf16 where the GPU or CPU has native "
+                                                                 "bf16, fp32 elsewhere), fp32 or bf16.")
     # Compile one reverse step (the denoiser and the update) into one graph, a CUDA graph on a GPU: faster
     # chains for a run that evaluates many images, after a compile of seconds per batch shape.
-    compile: bool = False
+    compile: bool = flag(False, "--compile/--no-compile", "Compile one reverse step into one graph (a CUDA graph on "
+                                                          "a GPU): faster chains after a compile of seconds.")
 
     def validate(self) -> None:
         _require(self.steps >= 1, "steps", f"got {self.steps}, expected at least 1")
         _require(self.n_samples >= 1, "n_samples", f"got {self.n_samples}, expected at least 1")
         _require(self.batch_size >= 1, "batch_size", f"got {self.batch_size}, expected at least 1")
-        _require(self.aggregate == "mean" or self.probability in ("positive_part", "vote"), "probability",
-                 f"got {self.probability!r} with aggregate: vote, which makes the probabilities the chains' vote "
-                 "shares; use aggregate: mean or probability: vote")
+        problem = conflict(self.aggregate, self.probability)
+        _require(problem is None, "probability", problem or "")
+
+    @property
+    def rule(self) -> str:
+        """The probability rule in force (diffmic.diffusion.probability)."""
+        return rule_in_force(self.aggregate, self.probability)
 
 
 @dataclass
@@ -390,6 +410,18 @@ def _migrate(values: dict) -> dict:
             apply(part, part.pop(key))
             warnings.warn(message, FutureWarning, stacklevel=3)
     return values
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys, the form of `--set` and of every message: {"train": {"lr": 1}} ->
+    {"train.lr": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_from_dict(values: dict) -> Config:

@@ -1,4 +1,4 @@
-"""Atomic file writes: the one helper every module uses, so a crash or a full disk never leaves a
+"""Atomic file writes (and a file's sha256): the one helper every module uses, so a crash or a full disk never leaves a
 half-written file under the final name (readers see the old file or the new one, nothing between).
 
 Imports nothing heavy: the CLI, the data tools and the engine all use it.
@@ -6,6 +6,7 @@ Imports nothing heavy: the CLI, the data tools and the engine all use it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -39,10 +40,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda temporary: temporary.write_text(text))
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    return write_atomic(path, lambda temporary: temporary.write_bytes(data))
-
-
 def write_json_atomic(path: str | os.PathLike, values: Any, **dump_options: Any) -> Path:
     dump_options.setdefault("indent", 2)
     return write_text_atomic(path, json.dumps(values, **dump_options))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks (shards and checkpoints are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -92,7 +92,6 @@ def slurm_training(slurm_cluster, digits_shards, tmp_path_factory):
 # trains the tiny run and shards digits only once).
 from engine_helpers import digits_shards, tiny_run  # noqa: E402,F401
 
-
 # --------------------------------------------------------------------------------------------
 # The paper configs start their trunks from ImageNet weights. Tests download nothing: every test (and every
 # process it starts) sees a torch hub cache holding stand-in files at the paths torchvision's weights API

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmic.evaluation.calibration import (calibration_metrics, reliability_bins, selective_accuracy,
-                                            selective_curve, trust_metrics, uncertainty_auroc)
+from diffmic.evaluation.calibration import (
+    calibration_metrics,
+    reliability_bins,
+    selective_accuracy,
+    selective_curve,
+    trust_metrics,
+    uncertainty_auroc,
+)
 from diffmic.evaluation.curves import plot_training_curves, training_rows, warmup_end
 from diffmic.evaluation.plots import plot_reliability, plot_selective
 

@@ -21,9 +21,10 @@ from diffmic import checkpoint as ckpt
 from diffmic.checkpoint import files
 from diffmic.checkpoint.manager import CheckpointManager, choose_start
 from diffmic.config import ConfigError, load_config
-from diffmic.engine.runlock import LOCK_FILE, RunLock, process_start
 from diffmic.engine.trainer import TrainerState
 from diffmic.errors import CheckpointError, DiskFullError, RunLockError
+from diffmic.run import RunFolder
+from diffmic.run.lock import RunLock, process_start
 
 
 # --- when to save ------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def dead_pid() -> int:
 
 def plant_lock(run_dir, **holder):
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "token": "theirs", **holder}))
+    RunFolder(run_dir).lock_file.write_text(json.dumps({"host": socket.gethostname(), "token": "theirs", **holder}))
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
@@ -236,7 +237,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
                                            rf"pid {os.getpid()}"):
         RunLock(tmp_path).acquire()
     first.release()
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not RunFolder(tmp_path).lock_file.exists()
     second = RunLock(tmp_path)
     second.acquire()
     second.release()
@@ -246,7 +247,7 @@ def test_a_stale_lock_of_a_dead_or_reused_pid_is_taken_over(tmp_path):
     plant_lock(tmp_path, pid=dead_pid())
     lock = RunLock(tmp_path)
     lock.acquire()
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads(RunFolder(tmp_path).lock_file.read_text())["pid"] == os.getpid()
     lock.release()
     plant_lock(tmp_path, pid=os.getpid(), pid_started="1")  # this pid, but a process started at another time
     RunLock(tmp_path).acquire()

@@ -4,6 +4,7 @@ and usage mistakes answered with a message instead of a traceback."""
 from __future__ import annotations
 
 import pytest
+
 from engine_helpers import diffmic_here
 
 COMMANDS = ["shard", "verify", "info", "train", "eval", "predict", "import-reference", "status", "report", "sweep",

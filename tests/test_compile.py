@@ -36,7 +36,7 @@ def test_a_compiled_chain_ends_where_the_eager_one_does(sampler):
     torch.manual_seed(0)
     model = DiffMIC(config).eval()
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    sampling = resolve_eval_settings(config, sampler=sampler).sampling
+    sampling = resolve_eval_settings(config, sampler=sampler)
     eager, compiled = eager_and_compiled(model, images, sampling, bf16=False)
     scale = eager.y0.abs().max()
     torch.testing.assert_close(compiled.y0, eager.y0, rtol=0, atol=1e-5 * scale)
@@ -52,7 +52,7 @@ def test_a_compiled_bf16_chain_agrees_within_bf16_tolerance():
     torch.manual_seed(0)
     model = DiffMIC(config).eval()
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    eager, compiled = eager_and_compiled(model, images, resolve_eval_settings(config).sampling, bf16=True)
+    eager, compiled = eager_and_compiled(model, images, resolve_eval_settings(config), bf16=True)
     torch.testing.assert_close(compiled.probs, eager.probs, rtol=0, atol=2e-2)
     torch.testing.assert_close(compiled.y0, eager.y0, rtol=2e-2, atol=2e-2 * eager.y0.abs().max())
 
@@ -63,7 +63,7 @@ def test_the_step_compiles_once_per_batch_shape_not_per_step_or_batch():
     config = config_from_dict(SMALL)
     model = DiffMIC(config).eval()
     model.compile_sampling(torch.device("cpu"))
-    sampling = resolve_eval_settings(config).sampling
+    sampling = resolve_eval_settings(config)
     torch._dynamo.reset()
     counters.clear()
     for batch in (2, 2, 2, 1):  # two batches of one shape, then a smaller last batch

@@ -2,8 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmic.config import (Config, ConfigError, DCGConfig, config_from_dict, config_reference, dump_config,
-                            load_config)
+from diffmic.config import Config, ConfigError, DCGConfig, config_from_dict, config_reference, dump_config, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
 

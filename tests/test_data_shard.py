@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import (HAM_CLASSES, aptos_layout, ham_metadata_layout, imagefolder_layout, isic_layout,
-                           label_colour, medmnist_npz, pkl_layout, write_csv, write_image)
+from data_fixtures import (
+    HAM_CLASSES,
+    aptos_layout,
+    ham_metadata_layout,
+    imagefolder_layout,
+    isic_layout,
+    label_colour,
+    medmnist_npz,
+    pkl_layout,
+    write_csv,
+    write_image,
+)
 from diffmic.data import ShardError, ShardOptions, read_manifest, shard_dataset
 from diffmic.data.safepickle import UnsafePickleError, load_plain_pickle
 from diffmic.data.shardio import iter_shard_samples

@@ -16,8 +16,18 @@ from PIL import Image
 
 from data_fixtures import medmnist_npz
 from diffmic.config import AugmentConfig, DataConfig
-from diffmic.data import (ManifestError, ShardOptions, eval_loader, eval_transform, preprocess_image, read_manifest,
-                          shard_dataset, steps_per_epoch, train_loader, verify_shards)
+from diffmic.data import (
+    ManifestError,
+    ShardOptions,
+    eval_loader,
+    eval_transform,
+    preprocess_image,
+    read_manifest,
+    shard_dataset,
+    steps_per_epoch,
+    train_loader,
+    verify_shards,
+)
 from diffmic.data.manifest import CorruptShardError
 from diffmic.data.shardio import SplitShardWriter, iter_shard_samples
 

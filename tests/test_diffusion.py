@@ -1,12 +1,7 @@
 import pytest
 import torch
 
-from diffmic.diffusion import NoiseSchedule, SamplingSettings, antithetic_timesteps, mmd, sample
-
-
-def settings_for(sampler: str, steps: int) -> SamplingSettings:
-    """One chain per row: `sample` reads only the sampler and the steps."""
-    return SamplingSettings(sampler, steps, n_samples=1, aggregate="mean", probability="positive_part")
+from diffmic.diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
 
 
 @pytest.fixture
@@ -99,7 +94,7 @@ def test_sampler_with_a_perfect_denoiser_recovers_y0(schedule):
             a = abar[lookup[int(t[0])]]
             return (y_t - a.sqrt() * y0 - (1 - a.sqrt()) * prior) / (1 - a).sqrt()
 
-        out, _ = sample(oracle, prior, schedule, settings_for(sampler, 50), generator=torch.Generator().manual_seed(2))
+        out, _ = sample(oracle, prior, schedule, sampler, 50, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(out, y0, atol=1e-6, rtol=0)
 
 
@@ -107,13 +102,13 @@ def test_sampler_uses_given_noise_and_records_a_trajectory(schedule):
     prior = torch.full((4, 3), 1 / 3)
     noise = torch.randn(11, 4, 3, generator=torch.Generator().manual_seed(3))
     zero = lambda y, t: torch.zeros_like(y)  # noqa: E731
-    first, trajectory = sample(zero, prior, schedule, settings_for("respaced", 10), noise=noise, record_every=5)
-    again, _ = sample(zero, prior, schedule, settings_for("respaced", 10), noise=noise)
+    first, trajectory = sample(zero, prior, schedule, "respaced", 10, noise=noise, record_every=5)
+    again, _ = sample(zero, prior, schedule, "respaced", 10, noise=noise)
     torch.testing.assert_close(first, again)
     assert [t for t, _ in trajectory] == [1000, 445, 0]
     torch.testing.assert_close(trajectory[0][1], prior + noise[0])
     with pytest.raises(ValueError, match="noise must have shape"):
-        sample(zero, prior, schedule, settings_for("respaced", 10), noise=noise[:5])
+        sample(zero, prior, schedule, "respaced", 10, noise=noise[:5])
 
 
 def test_denoiser_is_called_once_per_step(schedule):
@@ -123,7 +118,7 @@ def test_denoiser_is_called_once_per_step(schedule):
         calls.append(int(t[0]))
         return torch.zeros_like(y)
 
-    sample(count, torch.full((2, 3), 1 / 3), schedule, settings_for("respaced", 100))
+    sample(count, torch.full((2, 3), 1 / 3), schedule, "respaced", 100)
     assert len(calls) == 100 and calls[0] == 1000 and calls[-1] == 1
 
 

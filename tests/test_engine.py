@@ -10,11 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
-from diffmic.cli.train import resolve_inputs
-from diffmic.cli.common import UserError
+
 from diffmic import checkpoint as ckpt
-from engine_helpers import (REPO, TINY, accelerate_launch, diffmic, diffmic_here, evil_torch_file, finish,
-                            model_weights, shard_digits, start_training)
+from diffmic.cli.common import UserError
+from diffmic.cli.train import resolve_inputs
+from engine_helpers import (
+    REPO,
+    TINY,
+    accelerate_launch,
+    diffmic_here,
+    evil_torch_file,
+    finish,
+    model_weights,
+    shard_digits,
+    start_training,
+)
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
 pytestmark = pytest.mark.timeout(900)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data_fixtures import imagefolder_layout
 from diffmic.data import ShardOptions, read_manifest, shard_dataset
-from engine_helpers import REPO, accelerate_launch, diffmic, diffmic_here
+from engine_helpers import accelerate_launch, diffmic, diffmic_here
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -102,9 +102,10 @@ def test_user_mistakes_give_one_message_and_a_non_zero_exit(problem, tiny_run, d
                 "corrupt checkpoint": "model.safetensors", "unknown split": "train, val, test",
                 "other classes": "classes", "another class count": shards_advice,
                 "another image size": "holds 64px images", "unreadable image": "not a readable image",
-                "zero steps": "--steps must be in 1..", "zero samples": "--n-samples must be at least 1",
-                "unknown sampler": "--sampler must be one of respaced, truncated, ddim, not 'bogus'",
-                "predict with zero steps": "--steps must be in 1.."}[problem]
+                "zero steps": "--steps: got 0, expected at least 1",
+                "zero samples": "--n-samples: got 0, expected at least 1",
+                "unknown sampler": "--sampler: got 'bogus', expected one of 'respaced', 'truncated', 'ddim'",
+                "predict with zero steps": "--steps: got 0, expected at least 1"}[problem]
     if problem == "missing run":
         args[2] = str(tmp_path / "nowhere")
     elif problem == "no checkpoint":

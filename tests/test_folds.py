@@ -10,7 +10,15 @@ import pytest
 
 from data_fixtures import ham_metadata_layout
 from diffmic.config import ConfigError, DataConfig
-from diffmic.data import ManifestError, ShardError, ShardOptions, eval_loader, read_manifest, shard_dataset, train_loader
+from diffmic.data import (
+    ManifestError,
+    ShardError,
+    ShardOptions,
+    eval_loader,
+    read_manifest,
+    shard_dataset,
+    train_loader,
+)
 from engine_helpers import diffmic_here
 
 

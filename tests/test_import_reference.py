@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from PIL import Image
+from torch import nn
 from torchvision.models import resnet18
 
 from diffmic.checkpoint import find_checkpoint, load_weights
@@ -190,7 +190,7 @@ def directly_loaded_model(authors_states, use_ema: bool, folder: Path):
 
 def direct_probabilities(model, config, batches) -> dict[str, np.ndarray]:
     result = predict_batches(model, batches, torch.device("cpu"), config.train.seed,
-                             resolve_eval_settings(config).sampling)
+                             resolve_eval_settings(config))
     return dict(zip(result.keys, result.probs))
 
 
@@ -213,19 +213,26 @@ def test_eval_of_the_import_matches_the_weights_loaded_directly(imported, author
     assert worst < 2e-6  # the CSV keeps six decimals
 
 
-def test_predict_without_ema_matches_the_raw_weights(imported, authors_states, tmp_path):
+def lesion_files(folder: Path) -> list[Path]:
+    files = []
+    for index in range(3):
+        files.append(folder / f"lesion{index}.png")
+        Image.fromarray(np.full((40, 48, 3), 60 * index, dtype=np.uint8)).save(files[-1])
+    return files
+
+
+def predict_and_compare(run: Path, files: list[Path], authors_states, use_ema: bool, folder: Path,
+                        *flags: str) -> list[dict]:
+    """`diffmic predict` of `files` with `flags`, checked against the authors' weights (their EMA when `use_ema`)
+    loaded by hand; returns the rows."""
     from diffmic.data import eval_transform
     from diffmic.evaluation.runner import load_images
 
-    files = []
-    for index in range(3):
-        files.append(tmp_path / f"lesion{index}.png")
-        Image.fromarray(np.full((40, 48, 3), 60 * index, dtype=np.uint8)).save(files[-1])
-    out = tmp_path / "predicted.csv"
-    result = diffmic_here(["predict", "--run", str(imported), "--checkpoint", "last", "--no-ema", "--out", str(out),
-                           "--precision", "fp32", *map(str, files)])
+    out = folder / "predicted.csv"
+    result = diffmic_here(["predict", "--run", str(run), "--checkpoint", "last", "--out", str(out), "--precision",
+                           "fp32", *flags, *map(str, files)])
     assert result.returncode == 0, result.stderr
-    model, config = directly_loaded_model(authors_states, False, tmp_path / "direct")
+    model, config = directly_loaded_model(authors_states, use_ema, folder / "direct")
     batch = {"image": load_images(files, eval_transform(config.data)), "label": torch.zeros(3, dtype=torch.long),
              "key": [str(path) for path in files]}
     expected = direct_probabilities(model, config, [batch])
@@ -233,6 +240,30 @@ def test_predict_without_ema_matches_the_raw_weights(imported, authors_states, t
     assert [row["file"] for row in rows] == [str(path) for path in files]
     worst = max(abs(float(row[f"prob_{c}"]) - expected[row["file"]][c]) for row in rows for c in range(CLASSES))
     assert worst < 1e-6
+    return rows
+
+
+def test_predict_without_ema_matches_the_raw_weights(imported, authors_states, tmp_path):
+    predict_and_compare(imported, lesion_files(tmp_path), authors_states, False, tmp_path, "--no-ema")
+
+
+def test_eval_and_predict_follow_the_configs_choice_of_weights(authors_states, small_shards, tmp_path):
+    """eval.use_ema: false (the reference configs: the authors' test loop evaluates the raw weights) holds for
+    `diffmic eval` and `predict` unless --ema asks otherwise, as it does for validation during training."""
+    ckpt, aux = save_pair(tmp_path / "pair", authors_states["denoiser"], authors_states["dcg"], authors_states["ema"])
+    run = tmp_path / "run"
+    result = diffmic_here(import_args(ckpt, aux, run, "--shards", str(small_shards), "--set", "eval.use_ema=false"))
+    assert result.returncode == 0, result.stderr
+    files = lesion_files(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "asked").mkdir()
+    raw = predict_and_compare(run, files, authors_states, False, tmp_path / "config")  # the config's: raw weights
+    ema = predict_and_compare(run, files, authors_states, True, tmp_path / "asked", "--ema")
+    assert raw != ema  # the two sets of weights predict differently, so the comparison above can tell them apart
+    out = tmp_path / "eval"
+    result = diffmic_here(["eval", "--run", str(run), "--out", str(out), "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "metrics.json").read_text())["ema"] is False
 
 
 # --- refusals: one line, exit 2, nothing written --------------------------------------------------------

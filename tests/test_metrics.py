@@ -7,8 +7,13 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from diffmic.evaluation import (classification_metrics, metrics_table, plot_confusion_matrix, plot_trajectory,
-                                selection_score)
+from diffmic.evaluation import (
+    classification_metrics,
+    metrics_table,
+    plot_confusion_matrix,
+    plot_trajectory,
+    selection_score,
+)
 from diffmic.evaluation.plots import _panel_indices, _shared_projection
 
 # sklearn's zero-division and single-label warnings must be handled, not printed.
@@ -208,3 +213,19 @@ def test_trajectory_of_identical_states_and_bad_shapes(tmp_path):
         plot_trajectory([(10, np.zeros((4, 3))), (0, np.zeros((4, 2)))], [0, 1, 2, 0], NAMES, path)
     with pytest.raises(ValueError, match="max_panels"):
         plot_trajectory([(0, np.zeros((4, 3)))], [0, 1, 2, 0], NAMES, path, max_panels=1)
+
+
+def test_the_registry_decides_the_terminal_rows_and_a_registered_metric_shows_with_its_dcg_twin():
+    from diffmic.evaluation.metrics import METRICS, split_metrics
+
+    metrics = split_metrics(LABELS, PROBS, PROBS[::-1], class_names=["MEL", "NV", "BCC"])
+    assert {"dcg_accuracy", "dcg_macro_f1"} <= set(metrics)  # every registered dcg_ metric classification computes
+    metrics.update({"ece": 0.125, "dcg_ece": 0.25})
+    console = Console(file=io.StringIO(), width=160, record=True)
+    console.print(metrics_table(metrics, "test split"))
+    text = console.export_text()
+    assert "ECE (DCG)" in text and "0.1250 (0.2500)" in text
+    rows = [metric.title for metric in METRICS if metric.key in metrics]
+    positions = [text.index(title) for title in rows]  # each title's first place is its own row
+    assert positions == sorted(positions)  # in the registry's order
+    assert "uncertainty AUROC" not in text  # one chain per image: not in the metrics, not in the table

@@ -4,10 +4,9 @@ import pytest
 import torch
 from torchvision import models
 
-from diffmic.config import config_from_dict, load_config
-from diffmic.diffusion import SamplingSettings
-from diffmic.models import DCG, Denoiser, DiffMIC, crop_tiles, select_roi_cells, top_t_pool
+from diffmic.config import EvalConfig, config_from_dict, load_config
 from diffmic.errors import PretrainedWeightsError
+from diffmic.models import DCG, Denoiser, DiffMIC, crop_tiles, select_roi_cells, top_t_pool
 from diffmic.models.backbones import ResNetTrunk
 
 SMALL = {"data": {"num_classes": 3, "image_size": 64},
@@ -114,8 +113,7 @@ def test_every_variant_trains_and_predicts(variant):
     assert ("mmd" in losses) == (variant == "full") and ("mse" in losses) == (variant != "basic")
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.dcg.parameters() if p.requires_grad)
-    prediction = model.predict(batch["image"], SamplingSettings("respaced", steps=5, n_samples=2, aggregate="mean",
-                                                                probability="positive_part"))
+    prediction = model.predict(batch["image"], EvalConfig(sampler="respaced", steps=5, n_samples=2))
     assert prediction.probs.shape == (4, 3) and prediction.label.shape == (4,)
     torch.testing.assert_close(prediction.probs.sum(dim=1), torch.ones(4))
     assert prediction.dcg_probs.shape == (4, 3)
@@ -158,8 +156,7 @@ def test_predict_runs_the_encoder_and_guidance_once_per_batch_at_1000_steps():
     model.denoiser.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
     model.dcg.register_forward_hook(lambda *a: calls.__setitem__("dcg", calls["dcg"] + 1))
     model.denoiser.output.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
-    model.predict(torch.randn(2, 3, 64, 64), SamplingSettings("respaced", steps=1000, n_samples=3, aggregate="mean",
-                                                              probability="positive_part"))
+    model.predict(torch.randn(2, 3, 64, 64), EvalConfig(sampler="respaced", steps=1000, n_samples=3))
     assert calls == {"encoder": 1, "dcg": 1, "mlp": 1000}
 
 
@@ -167,7 +164,7 @@ def test_predict_with_fixed_noise_is_reproducible_and_restores_train_mode():
     model = DiffMIC(small_config()).train()
     images = torch.randn(3, 3, 64, 64)
     noise = torch.randn(11, 6, 3)
-    sampling = SamplingSettings("respaced", steps=10, n_samples=2, aggregate="mean", probability="positive_part")
+    sampling = EvalConfig(sampler="respaced", steps=10, n_samples=2)
     first = model.predict(images, sampling, noise=noise)
     second = model.predict(images, sampling, noise=noise)
     torch.testing.assert_close(first.y0, second.y0)

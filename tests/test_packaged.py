@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from engine_helpers import diffmic_here
 
 from diffmic.config import ConfigError, TrainConfig, load_config
 from diffmic.packaged import NotFoundError, find_file, packaged_root
+from engine_helpers import diffmic_here
 
 
 @pytest.fixture

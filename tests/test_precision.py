@@ -10,7 +10,7 @@ import pytest
 from diffmic import accelerator
 from diffmic.config import load_config
 from diffmic.errors import EvalSettingsError
-from diffmic.evaluation.settings import EvalSettings, resolve_eval_settings
+from diffmic.evaluation.settings import resolve_eval_settings
 from engine_helpers import diffmic_here, digits_shards, tiny_run  # noqa: F401
 
 
@@ -39,12 +39,8 @@ def test_the_setting_comes_from_the_config_unless_the_command_line_gives_one():
     config = load_config("configs/digits.yaml")
     assert resolve_eval_settings(config).precision == config.eval.precision == "auto"
     assert resolve_eval_settings(config, precision="fp32").precision == "fp32"
-    with pytest.raises(EvalSettingsError, match="--precision must be one of auto, fp32, bf16"):
+    with pytest.raises(EvalSettingsError, match="--precision: got 'fp16', expected one of 'auto', 'fp32', 'bf16'"):
         resolve_eval_settings(config, precision="fp16")
-    settings = resolve_eval_settings(config, precision="bf16")
-    from dataclasses import asdict
-
-    assert EvalSettings.from_dict(json.loads(json.dumps(asdict(settings)))) == settings  # as local workers get it
 
 
 def test_eval_records_the_precision_it_ran_in(tiny_run, tmp_path):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import REPO, TINY, diffmic_here
-from pretrained_helpers import place_imagenet_file
 
 from diffmic.config import load_config
 from diffmic.errors import PretrainedWeightsError
 from diffmic.models.backbones import ResNetTrunk
 from diffmic.models.pretrained import imagenet_file, requested_weights
+from engine_helpers import REPO, TINY, diffmic_here
+from pretrained_helpers import place_imagenet_file
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 # digits' model with both DCG trunks from ImageNet: what the paper configs ask, at the tests' size.

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from diffmic.config import ConfigError, config_from_dict
-from diffmic.diffusion import SamplingSettings
-from diffmic.diffusion.sampler import PROBABILITY_RULES
+from diffmic.config import ConfigError, EvalConfig, config_from_dict
+from diffmic.diffusion.probability import PROBABILITY_RULES, chain_probabilities
+from diffmic.errors import EvalSettingsError
 from diffmic.evaluation.settings import resolve_eval_settings
 from diffmic.models import DiffMIC
-from diffmic.models.diffmic import chain_probabilities
 
 SMALL = {"data": {"num_classes": 3, "image_size": 64},
          "model": {"dcg": {"backbone": "resnet18", "local_backbone": "resnet18", "k": 1},
@@ -52,26 +51,28 @@ def test_vote_is_the_share_of_chains_per_class():
 def test_an_unknown_rule_is_refused_everywhere():
     with pytest.raises(ValueError, match="probability rule"):
         chain_probabilities(Y0, "argmax")
-    with pytest.raises(ValueError, match="probability rule"):
-        SamplingSettings("respaced", 4, 1, "mean", "argmax")
+    with pytest.raises(ConfigError, match="probability"):
+        EvalConfig(probability="argmax")
     with pytest.raises(ConfigError, match="probability"):
         small_config(probability="argmax")
     # A majority vote makes the probabilities vote shares: a softmax on top would be silently ignored.
     with pytest.raises(ConfigError, match="aggregate: vote"):
         small_config(aggregate="vote", probability="softmax")
+    with pytest.raises(EvalSettingsError, match="eval.probability: got 'softmax' with aggregate: vote"):
+        resolve_eval_settings(small_config(aggregate="vote"), probability="softmax")
 
 
 def test_the_config_default_is_todays_rule():
     assert small_config().eval.probability == "positive_part"
-    assert resolve_eval_settings(small_config()).sampling.rule == "positive_part"
+    assert resolve_eval_settings(small_config()).rule == "positive_part"
     # The older spelling of the vote rule still works.
-    assert resolve_eval_settings(small_config(aggregate="vote", n_samples=3)).sampling.rule == "vote"
+    assert resolve_eval_settings(small_config(aggregate="vote", n_samples=3)).rule == "vote"
 
 
 @pytest.mark.parametrize("rule", PROBABILITY_RULES)
 def test_the_resolved_rule_reaches_the_prediction(rule):
     config = small_config(probability=rule, n_samples=3)
-    sampling = resolve_eval_settings(config).sampling
+    sampling = resolve_eval_settings(config)
     assert sampling.probability == rule and sampling.n_samples == 3
     torch.manual_seed(0)
     model = DiffMIC(config)
@@ -82,7 +83,7 @@ def test_the_resolved_rule_reaches_the_prediction(rule):
     torch.testing.assert_close(prediction.probs, chain_probabilities(prediction.y0, rule))
     torch.testing.assert_close(prediction.label, prediction.probs.argmax(dim=1))
     # The same chains under the default rule: only the mapping from y_0 changed.
-    default = model.predict(images, SamplingSettings(sampling.sampler, sampling.steps, 3, "mean", "positive_part"),
+    default = model.predict(images, EvalConfig(sampler=sampling.sampler, steps=sampling.steps, n_samples=3),
                             noise=noise)
     torch.testing.assert_close(default.y0, prediction.y0)
     torch.testing.assert_close(default.probs, chain_probabilities(prediction.y0, "positive_part"))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 import shlex
-import time
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
 from data_fixtures import aptos_layout, ham_metadata_layout, imagefolder_layout, write_image
 from engine_helpers import REPO, cpu_environment, diffmic_here, free_port
 

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from diffmic import checkpoint as ckpt
-from diffmic.engine.runlock import LOCK_FILE, RunLock
 from diffmic.errors import CheckpointError
+from diffmic.run import RunFolder
+from diffmic.run.lock import RunLock
 from engine_helpers import REPO, TINY, cpu_environment, diffmic_here, evil_pickle, evil_torch_file, model_weights
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
@@ -221,7 +222,7 @@ def test_a_second_train_on_a_run_folder_in_use_is_refused_naming_the_holder(half
 def test_the_lock_is_released_when_training_fails(tmp_path, digits_shards):
     result = diffmic_here(train_args(tmp_path / "r", digits_shards, "train.dcg_lr=1e12", "train.dcg_amsgrad=false"))
     assert result.returncode == 2 and "non-finite" in result.stderr
-    assert not (tmp_path / "r" / LOCK_FILE).exists()
+    assert not RunFolder(tmp_path / "r").lock_file.exists()
 
 
 # --- disk full ----------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_a_full_disk_stops_training_with_one_line_and_no_partial_folder(tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
     assert "disk full: saving step-1 needs about" in message and "0.01 GB free" in message
-    assert not list((tmp_path / "r" / "checkpoints").glob(".*")) and not (tmp_path / "r" / LOCK_FILE).exists()
+    assert not list((tmp_path / "r" / "checkpoints").glob(".*")) and not RunFolder(tmp_path / "r").lock_file.exists()
 
 
 # --- checkpoint size and frequency -------------------------------------------------------------------

@@ -18,11 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
+from test_slurm_jobs import (
+    PREEMPT_STEPS,
+    SLURM_STEPS,
+    TWO_NODE_JOB,
+    job_state,
+    rank_hosts,
+    record,
+    train_job,
+    wait_until,
+)
 
 from diffmic import checkpoint as ckpt
 from engine_helpers import REPO, diffmic
-from test_slurm_jobs import (PREEMPT_STEPS, SLURM_STEPS, TWO_NODE_JOB, job_state, rank_hosts, record, train_job,
-                             wait_until)
 
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]

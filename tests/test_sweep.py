@@ -41,7 +41,7 @@ def test_a_folder_of_another_sweep_is_not_mixed_with_a_new_one(tmp_path):
 
 
 def test_status_tells_a_run_whose_process_died_from_one_that_trains(tmp_path):
-    from diffmic.engine.runlock import this_holder
+    from diffmic.run.lock import this_holder
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = {**this_holder(""), "pid": int(ended.stdout), "pid_started": None}

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from engine_helpers import REPO
 
 pytestmark = pytest.mark.timeout(900)

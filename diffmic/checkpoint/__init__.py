@@ -9,10 +9,25 @@ model's weights writes a checkpoint `diffmic eval` reads and `diffmic train` fin
 from .files import load_tensors, load_weights_only
 from .manager import CheckpointManager, Start, choose_start, load_for_fine_tuning
 from .policy import CheckpointPolicy
-from .record import (BEST_FILE, MARKER, MODEL_FILE, Checkpoint, best_record, best_step, build_model_from_checkpoint,
-                     checkpoint_root, complete_checkpoints, find_checkpoint, load_weights, read_checkpoint,
-                     remove_partials, verify, without_pretrained, write_best_checkpoint,
-                     write_weights_checkpoint)
+from .record import (
+    BEST_FILE,
+    MARKER,
+    MODEL_FILE,
+    Checkpoint,
+    best_record,
+    best_step,
+    build_model_from_checkpoint,
+    checkpoint_root,
+    complete_checkpoints,
+    find_checkpoint,
+    load_weights,
+    read_checkpoint,
+    remove_partials,
+    verify,
+    without_pretrained,
+    write_best_checkpoint,
+    write_weights_checkpoint,
+)
 
 __all__ = ["BEST_FILE", "MARKER", "MODEL_FILE", "Checkpoint", "CheckpointManager", "CheckpointPolicy", "Start",
            "best_record", "best_step", "build_model_from_checkpoint", "checkpoint_root", "choose_start",

@@ -16,11 +16,23 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, flatten
 from ..errors import CheckpointError, DiskFullError
 from . import record as ckpt
-from .files import (capture_rng, first_line, flatten_optimizer, gigabytes, load_tensors, load_weights_only,
-                    read_json, refuse, restore_rng, save_tensors, unflatten_optimizer, write_json)
+from .files import (
+    capture_rng,
+    first_line,
+    flatten_optimizer,
+    gigabytes,
+    load_tensors,
+    load_weights_only,
+    read_json,
+    refuse,
+    restore_rng,
+    save_tensors,
+    unflatten_optimizer,
+    write_json,
+)
 
 # Settings that cannot change on an exact resume even when named in allow_changes: the weights' shapes
 # and meaning (MODEL_KEYS) and the engine whose files the training state is in.
@@ -65,20 +77,13 @@ def _best_checkpoint(run_dir: Path) -> ckpt.Checkpoint | None:
 
 
 def check_setting_names(config: Config, names: Iterable[str]) -> set[str]:
-    known = set(_leaf_keys(config.to_dict()))
+    known = set(flatten(config.to_dict()))
     names = {name.strip() for name in names if name.strip()}
     unknown = sorted(name for name in names if name not in known)
     if unknown:
         raise CheckpointError(f"--allow-changes names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
                               f"not a setting; use dotted keys such as train.lr (python -m diffmic.config lists them)")
     return names
-
-
-def _leaf_keys(values: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in values.items():
-        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return keys
 
 
 def check_fits(checkpoint: ckpt.Checkpoint, config: Config, classes: list[str]) -> dict:

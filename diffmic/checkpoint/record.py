@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..config import Config, config_from_dict, dump_config
+from ..config import Config, config_from_dict, dump_config, flatten
 from ..errors import CheckpointError
 from .files import load_tensors, read_json, refuse, save_tensors, write_json
 
@@ -354,7 +354,7 @@ def remove_partials(run_dir: str | Path) -> None:
 # --- configuration ------------------------------------------------------------------------------------
 def config_changes(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (checkpoint's value, current value)} for every setting that differs."""
-    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    old, new = flatten(saved.to_dict()), flatten(current.to_dict())
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
 
 
@@ -366,13 +366,3 @@ def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str
     shown = [f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in list(changes.items())[:limit]]
     more = len(changes) - limit
     return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -206,3 +206,17 @@ def convert_ema(shadow: dict[str, torch.Tensor] | None, denoiser: dict[str, torc
     mismatch.missing = [name for name in mismatch.missing if name not in buffers]  # never in their shadow
     completed = {name: value for name, value in denoiser.items() if name in buffers and value.is_floating_point()}
     return {**completed, **parameters}, mismatch.describe()
+
+
+def read_reference_weights(config, ckpt: str | Path, aux_ckpt: str | Path) -> tuple[ReferenceFiles, ImportedWeights]:
+    """(what the two files hold, the diffmic weights): both read weights-only and mapped onto the model `config`
+    builds (names and shapes from the model itself)."""
+    from ..models import build_model
+    from .record import skipped_initialisation, without_pretrained
+
+    files = load_reference_files(ckpt, aux_ckpt)
+    with skipped_initialisation():  # only the names and shapes are needed
+        model = build_model(without_pretrained(config))
+    expected = {name: value.shape for name, value in model.state_dict().items()}
+    del model
+    return files, convert_reference(files, expected)

@@ -6,7 +6,9 @@ import typer
 
 from .. import __version__
 from .common import app, run_command
+
 # Imported in the order `diffmic --help` lists the commands: the user's path first.
+# isort: off
 from . import data as _data  # noqa: F401  (shard, verify, info)
 from . import train as _train  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401  (eval, predict)
@@ -17,6 +19,7 @@ from . import sweep as _sweep  # noqa: F401  (sweep, compare)
 from . import model as _model  # noqa: F401  (model-summary)
 from . import configs as _configs  # noqa: F401  (configs list, show, copy, path)
 from . import weights as _weights  # noqa: F401  (weights list, fetch)
+# isort: on
 
 
 def _version(value: bool) -> None:

@@ -1,18 +1,21 @@
-"""Shared pieces of the command line: the Typer app and how user mistakes are reported."""
+"""Shared pieces of the command line: the Typer app, options generated from a dataclass's fields, and how
+user mistakes are reported."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, Literal
 
 import typer
 from rich.console import Console
 
-from ..config import ConfigError
-from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, LaunchError, NonFiniteLossError,
-                      PretrainedWeightsError, RunLockError, SlurmError, UnreadableImageError)
-from ..data.manifest import ManifestError
-from ..data.sources import ShardError
+from ..errors import USER_ERRORS, UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,16 +23,47 @@ console = Console()
 SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
 error_console = Console(stderr=True)
 
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one message, exit status 2, no traceback."""
+__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command"]
 
 
-# Errors that mean "your input is wrong", not "diffmic is broken".
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
-                                                 ManifestError, PretrainedWeightsError, CheckpointError,
-                                                 EvalSettingsError, UnreadableImageError, SlurmError, LaunchError,
-                                                 NonFiniteLossError, RunLockError, DiskFullError)
+def field_options(group: type, panel: str | None = None, unset: str | None = None) -> list[inspect.Parameter]:
+    """One Typer option per field of the dataclass `group` that declares a flag (diffmic.config.flag): its type,
+    flag and help, in the order of the fields. With `unset` (e.g. "Default: the run's eval.{name}."), every
+    option defaults to None, so that one not given means the config's value, and its help ends with `unset`.
+    A choice of names (Literal) is read as text: the dataclass's own check refuses a wrong one."""
+    types = typing.get_type_hints(group)
+    options = []
+    for field in fields(group):
+        if "flag" not in field.metadata:
+            continue
+        kind = str if typing.get_origin(types[field.name]) is Literal else types[field.name]
+        help_text = field.metadata["help"] + (" " + unset.format(name=field.name) if unset else "")
+        default = typer.Option(None if unset else field.default, field.metadata["flag"], help=help_text,
+                               rich_help_panel=panel)
+        options.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default))
+    return options
+
+
+def with_options(name: str, options: list[inspect.Parameter], build: Callable[..., Any]):
+    """A decorator adding `options` to a Typer command, after its own; the command receives their values as one
+    keyword argument `name`, made by `build(**values)`. Typer reads the signature and the type hints, so both
+    are rewritten: the command's own (less `name`), then the options."""
+    names = [option.name for option in options]
+
+    def decorate(command):
+        own = [parameter for key, parameter in inspect.signature(command).parameters.items() if key != name]
+
+        @functools.wraps(command)
+        def run(**values):
+            chosen = {key: values.pop(key) for key in names}
+            return command(**values, **{name: build(**chosen)})
+
+        run.__signature__ = inspect.Signature(own + options)
+        run.__annotations__ = {**{key: hint for key, hint in command.__annotations__.items() if key != name},
+                               **{option.name: option.annotation for option in options}}
+        return run
+
+    return decorate
 
 
 def config_file(config: Path | str | None, dataset: str | None) -> Path:

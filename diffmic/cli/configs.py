@@ -87,7 +87,7 @@ def show_command(name: str = typer.Argument(..., help="A config name or file, e.
 
     Example: diffmic configs show reference/ham10000
     """
-    from ..config import config_values, config_from_dict, dump_config
+    from ..config import config_from_dict, config_values, dump_config
 
     path = config_file(name, None)
     chain: list[Path] = []

@@ -2,60 +2,44 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from .common import app, console
+from ..config import EvalConfig
+from ..run import RunFolder
+from .common import app, console, field_options, with_options
 from .launch import Launch, with_launch_options
-
-if TYPE_CHECKING:
-    from ..evaluation.settings import EvalSettings
 
 RUN_OPTION = typer.Option(..., "--run", help="Run folder made by `diffmic train`, e.g. runs/digits-20261125-101500.")
 CHECKPOINT_OPTION = typer.Option("best", "--checkpoint", help="best, last or step-N.")
-STEPS_OPTION = typer.Option(None, "--steps", help="Reverse diffusion steps. Default: eval.steps of the run's config.")
-SAMPLER_OPTION = typer.Option(None, "--sampler", help="respaced, truncated (the authors') or ddim. Default: eval.sampler.")
-SAMPLES_OPTION = typer.Option(None, "--n-samples", help="Chains per image, averaged (their spread is the "
-                                                        "uncertainty). Default: eval.n_samples.")
-EMA_OPTION = typer.Option(True, "--ema/--no-ema", help="Use the EMA weights of the denoiser (default) or the raw ones.")
-PRECISION_OPTION = typer.Option(None, "--precision", help="auto (bf16 where the GPU or CPU has native bf16, fp32 "
-                                                          "elsewhere), fp32 or bf16. Default: the run's eval.precision.")
-COMPILE_OPTION = typer.Option(None, "--compile/--no-compile", help="Compile one reverse step into one graph (a CUDA "
-                                                                   "graph on a GPU): faster chains after a compile "
-                                                                   "of seconds. Default: the run's eval.compile.")
+# The evaluation settings that have a flag, generated from their one declaration (EvalConfig); each option left
+# unset is the run's own value. The command receives the choices as one dict, `choices`.
+with_eval_settings = with_options("choices", field_options(EvalConfig, unset="Default: the run's eval.{name}."), dict)
 
 
-def resolved_settings(run: Path, checkpoint: str, steps: int | None, sampler: str | None, n_samples: int | None,
-                      ema: bool, precision: str | None, compile: bool | None) -> EvalSettings:
-    """The sampling settings of the command line on top of the checkpoint's own `eval` config."""
+def resolved_settings(run: Path, checkpoint: str, choices: dict) -> EvalConfig:
+    """The settings chosen on the command line on top of the checkpoint's own `eval` config."""
     from ..checkpoint import find_checkpoint
     from ..evaluation.settings import resolve_eval_settings
 
-    return resolve_eval_settings(find_checkpoint(run, checkpoint).config, steps, sampler, n_samples, ema,
-                                 precision, compile)
+    return resolve_eval_settings(find_checkpoint(run, checkpoint).config, **choices)
 
 
 @app.command("eval")
 @with_launch_options
+@with_eval_settings
 def eval_command(
     run: Path = RUN_OPTION,
     checkpoint: str = CHECKPOINT_OPTION,
     split: str = typer.Option("test", "--split", help="Split of the shards to evaluate: test, val or train."),
-    steps: int = STEPS_OPTION,
-    sampler: str = SAMPLER_OPTION,
-    n_samples: int = SAMPLES_OPTION,
-    ema: bool = EMA_OPTION,
-    precision: str = PRECISION_OPTION,
-    compile: bool = COMPILE_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: RUN/eval/<split>-<checkpoint>-"
                                                        "<sampler><steps>/."),
     shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     *,
+    choices: dict,  # the evaluation settings' options, added by with_eval_settings
     launch: Launch,  # the Slurm panel's options, added by with_launch_options
 ) -> None:
     """Evaluate a checkpoint on a split: metrics.json, predictions.csv, confusion_matrix.png, trajectory.png.
@@ -66,38 +50,26 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
-    from ..evaluation.runner import evaluate_run, print_result
+    from ..launch.job import EvalJob
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
-    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision, compile)
-    if launch.elsewhere:
-        absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
-        arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
-                     "out_dir": absolute(out), "shards": absolute(shards)}
-        launch.start("eval", arguments, Path(run).resolve(), progress)
-        return
-
-    result = evaluate_run(run, checkpoint, split, settings, out, shards, progress)
-    if result.out_dir is not None:
-        print_result(result, split, checkpoint)
+    settings = resolved_settings(run, checkpoint, choices)
+    launch.run(EvalJob(str(run), checkpoint, split, settings, out and str(out), shards and str(shards)), progress)
 
 
 @app.command("predict")
+@with_eval_settings
 def predict_command(
     paths: list[Path] = typer.Argument(..., help="Image files or folders of images."),
     run: Path = RUN_OPTION,
     checkpoint: str = CHECKPOINT_OPTION,
-    steps: int = STEPS_OPTION,
-    sampler: str = SAMPLER_OPTION,
-    n_samples: int = SAMPLES_OPTION,
-    ema: bool = EMA_OPTION,
-    precision: str = PRECISION_OPTION,
-    compile: bool = COMPILE_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="CSV to write. Default: RUN/predictions/<time>.csv."),
     flag_uncertain: float = typer.Option(None, "--flag-uncertain", metavar="T",
                                          help="Mark the rows whose uncertainty (share of chains that disagree "
                                               "with the prediction, 0..1) is above T, e.g. 0.3: a 'check' "
                                               "column in the table and the CSV. Needs --n-samples > 1."),
+    *,
+    choices: dict,  # the evaluation settings' options, added by with_eval_settings
 ) -> None:
     """Classify image files with a trained run (the same preprocessing as the shards).
 
@@ -107,7 +79,7 @@ def predict_command(
     """
     from ..evaluation.runner import check_flag_threshold, flag_uncertain_rows, predict_files, write_rows_csv
 
-    settings = resolved_settings(run, checkpoint, steps, sampler, n_samples, ema, precision, compile)
+    settings = resolved_settings(run, checkpoint, choices)
     if flag_uncertain is not None:  # refused before any image is read
         from ..checkpoint import find_checkpoint
 
@@ -132,6 +104,6 @@ def predict_command(
         flagged = sum(row["check"] == "yes" for row in rows)
         console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g}: check them by hand",
                       highlight=False)
-    path = out or Path(run) / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    path = out or RunFolder(run).predictions_file()
     write_rows_csv(rows, path)
     console.print(f"wrote {path}", highlight=False)

@@ -6,17 +6,17 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from ..launch.job import Job, to_json
 from ..launch.slurm import FINISHED_OK, UNFINISHED, DistributedJob, SlurmOptions, job_state, sbatch_script, submit
-from .common import UserError, console
+from ..run import RunFolder
+from .common import UserError, console, field_options, with_options
 
 PANEL = "Slurm"
 
@@ -26,16 +26,9 @@ def _option(name: str, annotation: type, default, flag: str, help: str) -> inspe
                              default=typer.Option(default, flag, help=help, rich_help_panel=PANEL))
 
 
-def _field_options(group: type) -> list[inspect.Parameter]:
-    """One option per field of the dataclass `group`: its type and default, the flag and help its metadata names
-    (diffmic.launch.flag)."""
-    types = typing.get_type_hints(group)
-    return [_option(f.name, types[f.name], f.default, f.metadata["flag"], f.metadata["help"]) for f in fields(group)]
-
-
 LAUNCH_OPTIONS = [
     _option("slurm", bool, False, "--slurm", "Submit to Slurm through submitit instead of running here."),
-    *_field_options(SlurmOptions),
+    *field_options(SlurmOptions, PANEL),
     _option("dry_run", bool, False, "--dry-run", "Print the resources and the sbatch script; submit nothing."),
     _option("wait", bool, False, "--wait", "Wait for the job and exit non-zero if it fails."),
 ]
@@ -43,10 +36,10 @@ LAUNCH_OPTIONS = [
 
 @dataclass(frozen=True)
 class Launch:
-    """How a command runs: as one submitit job with these resources (`job`), or here in `processes` local
-    processes (on the CPU when `cpu`); one process here is the plain call."""
+    """How a command runs its job: as one submitit job with these resources (`slurm`), or here in `processes`
+    local processes (on the CPU when `cpu`); one process here is the plain call."""
 
-    job: SlurmOptions | None
+    slurm: SlurmOptions | None
     dry_run: bool
     wait: bool
     processes: int = 1
@@ -61,34 +54,38 @@ class Launch:
     @property
     def elsewhere(self) -> bool:
         """The command's work runs in other processes (a job, or several local ones), not in this one."""
-        return self.job is not None or self.processes > 1
+        return self.slurm is not None or self.processes > 1
 
-    def start(self, kind: str, arguments: dict, run_dir: Path, progress: bool = False) -> None:
-        """Submits the job, or runs the local processes and returns when they end."""
-        if self.job is not None:
-            self.submit(kind, arguments, run_dir)
+    def run(self, job: Job, progress: bool = True) -> None:
+        """Runs the job here, or in the local processes (returning when they end), or submits it."""
+        if not self.elsewhere:
+            job.run(progress)
+            return
+        job = job.absolute()  # the processes may start in another folder, or on another machine
+        if self.slurm is not None:
+            self.submit(job, Path(job.run_dir))
             return
         from ..launch.local import launch_processes
 
-        launch_processes(kind, arguments, str(run_dir), self.processes, self.cpu, progress,
+        launch_processes(job, self.processes, self.cpu, progress,
                          report=lambda line: console.print(line, highlight=False))
 
-    def submit(self, kind: str, arguments: dict, run_dir: Path) -> None:
+    def submit(self, job: Job, run_dir: Path) -> None:
         """Submits (or, with --dry-run, describes) the job and tells the user how to follow it."""
-        job, name = self.job, f"diffmic-{kind}-{run_dir.name}"
+        options, name = self.slurm, f"diffmic-{job.kind}-{run_dir.name}"
         if self.dry_run:
-            console.print(f"[bold]{kind} job[/] {name}: {job.nodes} node(s) x {job.tasks()} task(s), "
-                          f"{job.gpus} GPU(s) per node, time {job.time}, run folder {run_dir}", highlight=False)
-            console.print(sbatch_script(job, run_dir / "slurm", name), highlight=False, markup=False)
+            console.print(f"[bold]{job.kind} job[/] {name}: {options.nodes} node(s) x {options.tasks()} task(s), "
+                          f"{options.gpus} GPU(s) per node, time {options.time}, run folder {run_dir}",
+                          highlight=False)
+            console.print(sbatch_script(options, RunFolder(run_dir).slurm_logs, name), highlight=False, markup=False)
             console.print("dry run: nothing was submitted")
             return
-        submitted, record = submit(DistributedJob(kind, arguments, str(run_dir), job.max_requeues), job, run_dir,
-                                   name)
-        console.print(f"submitted {kind} job {record['job_id']}; logs in {record['log_dir']}\n"
+        submitted, record = submit(DistributedJob(to_json(job), options.max_requeues), options, run_dir, name)
+        console.print(f"submitted {job.kind} job {record['job_id']}; logs in {record['log_dir']}\n"
                       f"follow it with: diffmic status {run_dir}   (or tail -f {record['log_dir']}/*_0_log.out)",
                       highlight=False)
         if self.wait:
-            if job.local:
+            if options.local:
                 submitted.wait()  # the local tasks are this process's children: wait on them directly
             wait_for(record, run_dir)
 
@@ -109,22 +106,9 @@ def local_processes(resources: dict) -> tuple[int, bool]:
     return gpus, False
 
 
-def with_launch_options(command):
-    """Adds LAUNCH_OPTIONS to a Typer command (after its own options); the command receives them as one
-    `launch: Launch` argument."""
-    own = [parameter for name, parameter in inspect.signature(command).parameters.items() if name != "launch"]
-    names = [option.name for option in LAUNCH_OPTIONS]
-
-    @functools.wraps(command)
-    def run(**values):
-        flags = {name: values.pop(name) for name in names}
-        return command(**values, launch=Launch.from_flags(**flags))
-
-    # Typer reads the signature and the type hints: the command's own, then the launch options.
-    run.__signature__ = inspect.Signature(own + LAUNCH_OPTIONS)
-    run.__annotations__ = {**{name: hint for name, hint in command.__annotations__.items() if name != "launch"},
-                           **{option.name: option.annotation for option in LAUNCH_OPTIONS}}
-    return run
+# Adds LAUNCH_OPTIONS to a Typer command (after its own options); the command receives them as one
+# `launch: Launch` argument.
+with_launch_options = with_options("launch", LAUNCH_OPTIONS, Launch.from_flags)
 
 
 def wait_for(record: dict, run_dir: Path, poll: float = 5.0) -> None:

@@ -8,15 +8,17 @@ import typer
 
 from .common import UserError, app, console
 
+
 def write_curves(run: Path) -> Path:
     """RUN/curves.png from RUN/metrics.jsonl; UserError when there is nothing to draw yet."""
-    from ..engine.rundir import read_metrics
-    from ..evaluation.curves import CURVES_FILE, plot_training_curves
+    from ..evaluation.curves import draw_run_curves
+    from ..run import RunFolder
 
-    if not (run / "metrics.jsonl").is_file():
+    folder = RunFolder(run)
+    if not folder.metrics_file.is_file():
         raise UserError(f"{run} has no metrics.jsonl: is it a run folder made by `diffmic train`?")
     try:
-        return plot_training_curves(read_metrics(run), run / CURVES_FILE, title=f"{run.name}: training curves")
+        return draw_run_curves(folder)
     except ValueError as error:
         raise UserError(f"{run}: {error}; try again after the first logging interval (train.log_every steps)") from None
 

@@ -20,13 +20,14 @@ def status_command(
       diffmic status runs/ham10000-20261125-101500
       diffmic status --run runs/ham10000-20261125-101500
     """
-    from ..engine.rundir import read_metrics
     from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
+    from ..launch.sweep import SWEEP_FILE
+    from ..run import RunFolder, read_metrics
 
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
     run = run_argument or run_option
-    if (run / "sweep.json").is_file():
+    if (run / SWEEP_FILE).is_file():
         from .sweep import print_sweep_status
 
         failed_runs = print_sweep_status(run)
@@ -53,7 +54,7 @@ def status_command(
         last = validation[-1]
         console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
                       f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
-    curves = Path(run) / "curves.png"
+    curves = RunFolder(run).curves_file
     console.print(f"training curves: {curves} (redraw with: diffmic report {run})" if curves.is_file()
                   else f"training curves: draw them with: diffmic report {run}", highlight=False)
     if failed:

@@ -45,23 +45,20 @@ def sweep_command(
     import time
 
     from ..config import load_config
-    from ..launch.sweep import SweepError, SweepPlan, merge_with_existing, parse_grid, plan_runs, run_locally
+    from ..launch.sweep import SweepPlan, merge_with_existing, parse_grid, plan_runs, run_locally
 
-    try:
-        swept, fixed = parse_grid(grid or [])
-        found = [config_file(config, None) for config in configs]  # a path, ./configs/ or the packaged ones
-        bases = [(str(path), load_config(path, fixed).train.seed) for path in found]
-        planned = plan_runs(bases, seeds, swept, fixed, folds)
-        sweep_dir = out or Path("sweeps") / f"{configs[0].stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        plan = merge_with_existing(sweep_dir, SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]),
-                                                        str(shards) if shards else None, planned))
-    except SweepError as error:
-        raise UserError(str(error)) from None
+    swept, fixed = parse_grid(grid or [])
+    found = [config_file(config, None) for config in configs]  # a path, ./configs/ or the packaged ones
+    bases = [(str(path), load_config(path, fixed).train.seed) for path in found]
+    planned = plan_runs(bases, seeds, swept, fixed, folds)
+    sweep_dir = out or Path("sweeps") / f"{configs[0].stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan = merge_with_existing(sweep_dir, SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]),
+                                                    str(shards) if shards else None, planned))
     report = lambda line: console.print(line, highlight=False)  # noqa: E731
     if launch.processes > 1:
         raise UserError("a sweep without --slurm trains its runs one after another, one process each: drop "
                         "--gpus/--tasks-per-node, or submit it with --slurm")
-    if launch.job is not None:
+    if launch.slurm is not None:
         submit_as_array(plan, sweep_dir, launch, array_parallelism, report)
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -78,21 +75,18 @@ def sweep_command(
 def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, report) -> None:
     """--slurm: the unfinished runs as one job array (or, with --dry-run, its sbatch script)."""
     from ..launch.slurm import check_array, sbatch_script
-    from ..launch.sweep import SweepError, SweepPlan, runs_to_do, submit_sweep
+    from ..launch.sweep import SweepPlan, runs_to_do, submit_sweep, sweep_logs
 
-    check_array(launch.job, parallelism)
+    check_array(launch.slurm, parallelism)
     if launch.dry_run:
         todo = len(runs_to_do(plan, sweep_dir, report))
-        console.print(sbatch_script(launch.job, sweep_dir / "slurm", f"diffmic-sweep-{sweep_dir.name}", todo,
+        console.print(sbatch_script(launch.slurm, sweep_logs(sweep_dir), f"diffmic-sweep-{sweep_dir.name}", todo,
                                     parallelism), highlight=False, markup=False)
         console.print(f"dry run: a job array of {todo} run(s), at most {parallelism} at once; nothing was submitted")
         return
     sweep_dir.mkdir(parents=True, exist_ok=True)
     plan.save(sweep_dir)
-    try:
-        jobs = submit_sweep(plan, sweep_dir, launch.job, parallelism, report)
-    except SweepError as error:
-        raise UserError(str(error)) from None
+    jobs = submit_sweep(plan, sweep_dir, launch.slurm, parallelism, report)
     if not jobs:
         report(f"all runs finished; the table: diffmic compare {sweep_dir}")
         return
@@ -140,13 +134,10 @@ def compare_command(
       diffmic compare sweeps/digits
       diffmic compare runs/ham10000-a runs/ham10000-b
     """
-    from ..evaluation.compare import COLUMNS, CompareError, compare_runs, format_stat, write_comparison
+    from ..evaluation.compare import COLUMNS, compare_runs, format_stat, write_comparison
     from ..launch.sweep import SWEEP_FILE
 
-    try:
-        rows = compare_runs(runs_of(paths))
-    except CompareError as error:
-        raise UserError(str(error)) from None
+    rows = compare_runs(runs_of(paths))
     table = Table(title=f"{sum(row.runs for row in rows)} run(s), test split")
     table.add_column("configuration", no_wrap=True)
     table.add_column("runs", justify="right")

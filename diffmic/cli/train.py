@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -70,24 +69,21 @@ def train_command(
     from ..checkpoint import complete_checkpoints
     from ..config import load_config
     from ..data import read_manifest, shard_dir_for
-    from ..engine import train
+    from ..launch.job import TrainJob
     from ..models.pretrained import fetch_all
+    from ..run import RunFolder
 
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
     shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
     allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
-    facts = {"config_file": str(config_path.resolve())}
+    job = TrainJob(cfg, str(shard_dir), str(run_dir) if run_dir else None, allowed,
+                   {"config_file": str(config_path.resolve())})
     if launch.elsewhere:
-        facts["command"] = shlex.join(["diffmic", *sys.argv[1:]])  # run.json's record, not the worker's argv
+        job.facts["command"] = shlex.join(["diffmic", *sys.argv[1:]])  # run.json's record, not the worker's argv
         read_manifest(shard_dir)  # a missing or broken shard folder fails here, not in the queue
         if run_dir is None or not complete_checkpoints(run_dir):  # a resume starts from its checkpoint
             for request in fetch_all(cfg):  # missing starting weights fail here too: job nodes read this cache
                 console.print(request.describe(), highlight=False, soft_wrap=True)
-        target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-        arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve()),
-                     "allow_changes": allowed, "facts": facts}
-        launch.start("train", arguments, target, progress)
-        return
-    result = train(cfg, shard_dir, run_dir, progress=progress, facts=facts, allow_changes=allowed)
-    console.print(result.summary(cfg.train.select_metric), highlight=False)
+        job.run_dir = job.run_dir or str(RunFolder.new(cfg.data.dataset).path)  # every process writes there
+    launch.run(job, progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # The modules holding the dataset layouts, in the order `diffmic shard --help` lists them: importing them
 # registers their layouts (layouts.py), so any import from diffmic.data sees all of them.
-from . import sources, presplit, digits  # noqa: F401,I001
+from . import sources, presplit, digits  # noqa: F401  # isort: skip
 from .images import preprocess_image
 from .manifest import Manifest, ManifestError, ShardEntry, SplitInfo, read_manifest, steps_per_epoch
 from .sharding import ShardOptions, ShardWarning, shard_dataset

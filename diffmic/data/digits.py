@@ -36,12 +36,3 @@ def read_digits(size: int) -> SourceData:
 DIGITS = register(Layout(
     "digits", read_digits, "scikit-learn's 1797 handwritten digits, shipped with scikit-learn: the offline demo",
     test_fraction=0.3, classes=tuple(DIGIT_CLASSES), root=None, size=64))
-
-
-def digits_split(labels: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split of indices into (train, test)."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    train, test = train_test_split(indices, test_size=test_fraction, random_state=seed, stratify=labels)
-    return np.sort(train), np.sort(test)

@@ -8,12 +8,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard folder is missing, unfinished or inconsistent; the message names the file and the fix."""
 
 

@@ -8,7 +8,6 @@ in processes that only need bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import tarfile
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from ..fileio import file_sha256
 from .manifest import ShardEntry
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
@@ -26,14 +26,6 @@ def safe_key(text: str) -> str:
     """A sample key WebDataset splits correctly: it cuts the extension at the first dot of a member
     name, and a slash would make a folder, so both (and anything unusual) become underscores."""
     return _UNSAFE_KEY_CHARS.sub("_", text.replace("/", "__").replace("\\", "__"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SplitShardWriter:

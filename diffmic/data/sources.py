@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .images import IMAGE_SUFFIXES
 from .layouts import Layout, register
 from .shardio import safe_key
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """The source data cannot be sharded as given; the message names the file and the fix."""
 
 

@@ -1,4 +1,5 @@
-"""Pure diffusion maths: the noise schedule, the samplers and MMD. Imports no network and no engine.
+"""Pure diffusion maths: the noise schedule, the samplers, MMD, and the rules that turn the chains' final
+states into probabilities. Imports nothing else of diffmic (the config reads its names).
 
 Names are imported on first use, so the config can read `sampler.SAMPLERS` without importing torch. (No
 submodule shares a name with what it exports: importing it would replace that name on this package.)
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-_HOMES = {"mmd": "discrepancy", "SAMPLERS": "sampler", "SamplingSettings": "sampler", "sample": "sampler",
-          "sampling_schedule": "sampler", "NoiseSchedule": "schedule", "antithetic_timesteps": "schedule"}
+_HOMES = {"mmd": "discrepancy", "SAMPLERS": "sampler", "sample": "sampler", "sampling_schedule": "sampler",
+          "NoiseSchedule": "schedule", "antithetic_timesteps": "schedule", "PROBABILITY_RULES": "probability",
+          "chain_probabilities": "probability"}
 __all__ = sorted(_HOMES)
 
 

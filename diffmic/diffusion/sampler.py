@@ -8,7 +8,6 @@ Python ints, so no step waits on the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # torch is imported on first use: the config reads SAMPLERS without it
@@ -18,31 +17,6 @@ if TYPE_CHECKING:  # torch is imported on first use: the config reads SAMPLERS w
 
 Denoise = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 SAMPLERS = ("respaced", "truncated", "ddim")
-# How the chains' final states y_0 become class probabilities (diffmic.models.diffmic.chain_probabilities):
-# the normalised positive part of their mean, the softmax of their mean, or the share of chains voting each class.
-PROBABILITY_RULES = ("positive_part", "softmax", "vote")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How one prediction is sampled, passed whole from the evaluator to `sample`. No defaults here: the
-    config's `eval` section owns them (diffmic.evaluation.settings resolves them against the command line)."""
-
-    sampler: str  # one of SAMPLERS
-    steps: int  # reverse steps of the chain
-    n_samples: int  # chains per image
-    aggregate: str  # how an image's chains combine: "mean" of their states or a majority "vote"
-    probability: str  # one of PROBABILITY_RULES: how the (mean) final state becomes probabilities
-
-    def __post_init__(self) -> None:
-        if self.probability not in PROBABILITY_RULES:
-            raise ValueError(f"unknown probability rule {self.probability!r}; expected one of "
-                             f"{', '.join(PROBABILITY_RULES)}")
-
-    @property
-    def rule(self) -> str:
-        """The probability rule in force: a majority vote over the chains makes them the vote shares."""
-        return "vote" if self.aggregate == "vote" else self.probability
 
 
 def sampling_schedule(schedule: NoiseSchedule, sampler: str, steps: int) -> NoiseSchedule:
@@ -84,10 +58,10 @@ def reverse_step(y: torch.Tensor, prior: torch.Tensor, eps_hat: torch.Tensor, co
     return a * y0_hat + b * y + c * prior + d * eps_hat + sigma * z
 
 
-def sample(denoise: Denoise | None, prior: torch.Tensor, schedule: NoiseSchedule, settings: SamplingSettings,
+def sample(denoise: Denoise | None, prior: torch.Tensor, schedule: NoiseSchedule, sampler: str, steps: int,
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            record_every: int = 0, step: Step | None = None) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Runs one chain per row of `prior` (N, C) with `settings.sampler` over `settings.steps` and returns y_0
+    """Runs one chain per row of `prior` (N, C) with `sampler` (one of SAMPLERS) over `steps` and returns y_0
     (N, C) and, if `record_every` > 0, the trajectory as (training timestep, y_t) pairs (y_T first, y_0 last,
     every k-th step between). The caller has already repeated each image's row once per chain.
 
@@ -98,7 +72,7 @@ def sample(denoise: Denoise | None, prior: torch.Tensor, schedule: NoiseSchedule
     """
     import torch
 
-    chain = sampling_schedule(schedule, settings.sampler, settings.steps)
+    chain = sampling_schedule(schedule, sampler, steps)
     length, (rows, classes) = len(chain), prior.shape
     if noise is not None and noise.shape != (length + 1, rows, classes):
         raise ValueError(f"noise must have shape {(length + 1, rows, classes)}, got {tuple(noise.shape)}")
@@ -110,7 +84,7 @@ def sample(denoise: Denoise | None, prior: torch.Tensor, schedule: NoiseSchedule
 
     if step is None:
         step = lambda y_t, t, row, z: reverse_step(y_t, prior, denoise(y_t, t), row, z)  # noqa: E731
-    deterministic = settings.sampler == "ddim"
+    deterministic = sampler == "ddim"
     coefficients = step_coefficients(chain, deterministic).to(prior.device, prior.dtype)
     timesteps = chain.timesteps.to(prior.device)
     silent = torch.zeros_like(prior)  # the z of the steps that add no noise

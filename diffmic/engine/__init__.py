@@ -1,6 +1,6 @@
 """The training engine: Accelerate (DDP or DeepSpeed), mixed precision, exact resume, one writer per run.
 
-`train` is imported on first use, so `import diffmic.engine.rundir` (diffmic status) pulls in no trainer.
+`train` is imported on first use, so importing a module of diffmic.engine pulls in no trainer.
 """
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]

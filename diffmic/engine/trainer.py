@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import math
 import signal
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, complete_checkpoints,
-                          load_for_fine_tuning, remove_partials, without_pretrained)
+from ..checkpoint import (
+    CheckpointManager,
+    CheckpointPolicy,
+    Start,
+    best_record,
+    choose_start,
+    complete_checkpoints,
+    load_for_fine_tuning,
+    remove_partials,
+    without_pretrained,
+)
 from ..config import Config, ConfigError
 from ..data import read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
@@ -23,10 +31,9 @@ from ..errors import NonFiniteLossError, PretrainedWeightsError
 from ..models import build_model
 from ..models.pretrained import WeightsRequest, fetch_all
 from ..progress import ProgressBar
+from ..run import MetricsLog, RunFolder, RunLock, provenance, tracker_parameters
 from .distributed import training_accelerator, training_precision
 from .optim import ExponentialMovingAverage, build_optimizer
-from .rundir import MetricsLog, provenance, read_metrics, tracker_parameters, write_run_files
-from .runlock import RunLock
 from .step import LossMeter, TrainStep
 from .validate import Validator
 
@@ -120,7 +127,8 @@ class Trainer:
         self.lock: RunLock | None = None
         try:
             self.starting_weights = self._fetch_starting_weights(run_dir)
-            self.run_dir = Path(run_dir) if run_dir else self._new_run_dir()
+            self.folder = RunFolder(run_dir) if run_dir else self._new_run_folder()
+            self.run_dir = self.folder.path
             self._take_lock()
             self._set_up(progress, resume, allow_changes, dict(facts or {}))
         except BaseException:
@@ -169,7 +177,7 @@ class Trainer:
         self.policy = CheckpointPolicy.from_setting(cfg.checkpoint_every)
         self.train_step = TrainStep(acc, self.model, self.module, self.optimizer, cfg)
         self.validator = Validator(acc, self.shard_dir, self.manifest, self.config)
-        self.log = MetricsLog(self.run_dir, self.is_main, acc)
+        self.log = MetricsLog(self.folder, self.is_main, acc)
         self.show_progress = progress and self.is_main
         self.last_checkpoint: Path | None = None
         self.last_validation: dict = {}
@@ -179,7 +187,7 @@ class Trainer:
         """Rank 0 locks the run folder; every rank learns the outcome, so all stop together."""
         problem = None
         if self.is_main:
-            self.lock = RunLock(self.run_dir)
+            self.lock = RunLock(self.folder)
             try:
                 self.lock.acquire()
             except Exception as error:  # RunLockError, or an unwritable folder
@@ -201,7 +209,7 @@ class Trainer:
                      "grad_accum": cfg.grad_accum, "mixed_precision": mixed_precision,
                      "distributed": acc.distributed_type.value, "steps_per_epoch": self.steps_per_epoch,
                      "select_split": cfg.select_split, **self.facts}
-            write_run_files(self.run_dir, self.config, self.provenance, facts, self._session())
+            self.folder.write_record(self.config, self.provenance, facts, self._session())
             self._start_trackers(facts)
             remove_partials(self.run_dir)
             cut = self.log.cut_after(self.start.step)
@@ -267,10 +275,9 @@ class Trainer:
             broadcast_object_list(holder)
         return holder[0]
 
-    def _new_run_dir(self) -> Path:
-        """runs/<dataset>-<time>, chosen by rank 0 so that every process writes to the same folder."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        return Path(self._from_rank_zero(f"runs/{self.config.data.dataset}-{stamp}"))
+    def _new_run_folder(self) -> RunFolder:
+        """A new run's folder, named by rank 0 so that every process writes to the same folder."""
+        return RunFolder(self._from_rank_zero(str(RunFolder.new(self.config.data.dataset).path)))
 
     def resume(self) -> bool:
         """Continues exactly from the latest training checkpoint, if `choose_start` picked one."""
@@ -315,7 +322,7 @@ class Trainer:
             return
         project = self.accelerator.project_configuration
         project.set_directories(str(self.run_dir))
-        project.logging_dir = str(self.run_dir / "tensorboard")
+        project.logging_dir = str(self.folder.tensorboard)
         self.accelerator.init_trackers(f"diffmic-{self.config.data.dataset}",
                                        config=tracker_parameters(self.config, self.provenance, facts),
                                        init_kwargs={"mlflow": {"run_name": self.run_dir.name},
@@ -353,11 +360,10 @@ class Trainer:
         """RUN/curves.png at the end of every session (`diffmic report RUN` draws it at any time)."""
         if not self.is_main:
             return
-        from ..evaluation.curves import CURVES_FILE, plot_training_curves
+        from ..evaluation.curves import draw_run_curves
 
         try:
-            path = plot_training_curves(read_metrics(self.run_dir), self.run_dir / CURVES_FILE,
-                                        title=f"{self.run_dir.name}: training curves")
+            path = draw_run_curves(self.folder)
         except ValueError:  # nothing logged yet (a run stopped before its first logging interval)
             return
         self.print(f"training curves: {path}")

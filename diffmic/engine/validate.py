@@ -11,8 +11,7 @@ from pathlib import Path
 from ..config import Config
 from ..data import eval_loader
 from ..evaluation.inference import check_keys, gather_predictions, predict_batches
-from ..evaluation.metrics import classification_metrics, selection_score
-from ..evaluation.settings import resolve_eval_settings
+from ..evaluation.metrics import METRICS, selection_score, split_metrics
 from .distributed import forward_autocast
 
 
@@ -32,7 +31,7 @@ class Validator:
         self.accelerator, self.shard_dir, self.manifest, self.config = accelerator, shard_dir, manifest, config
         self.split = config.train.select_split
         self.metric = config.train.select_metric
-        self.settings = resolve_eval_settings(config)
+        self.settings = config.eval
 
     def __call__(self, module, ema, step: int, epoch: int) -> Validation:
         acc, settings = self.accelerator, self.settings
@@ -41,19 +40,17 @@ class Validator:
         weights = ema.swapped_into(module.denoiser) if (ema is not None and settings.use_ema) else nullcontext()
         started = time.perf_counter()
         with weights:
-            local = predict_batches(module, loader, acc.device, self.config.train.seed, settings.sampling,
+            local = predict_batches(module, loader, acc.device, self.config.train.seed, settings,
                                     autocast=forward_autocast(acc))
         predictions = gather_predictions(local, acc)
         # With data.fold, 'val' is that fold of the train split (Manifest.selection).
         check_keys(predictions, self.manifest.selection(self.split, self.config.data.fold).keys, self.split)
-        classes = self.manifest.classes
-        metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-        dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
+        metrics = split_metrics(predictions.labels, predictions.probs, predictions.dcg_probs, self.manifest.classes)
         score = selection_score(metrics, self.metric)
         split = self.split
-        row = {"step": step, "epoch": epoch, "split": split, f"{split}/accuracy": metrics["accuracy"],
-               f"{split}/macro_f1": metrics["macro_f1"], f"{split}/kappa": metrics["kappa_quadratic"],
-               f"{split}/dcg_accuracy": dcg["accuracy"], f"{split}/dcg_macro_f1": dcg["macro_f1"],
-               f"{split}/seconds": time.perf_counter() - started,
+        # The registered metrics marked `logged` (diffmic.evaluation.metrics.METRICS), then the time it took.
+        logged = {f"{split}/{metric.logged}": metrics[metric.key] for metric in METRICS if metric.logged}
+        seconds = time.perf_counter() - started
+        row = {"step": step, "epoch": epoch, "split": split, **logged, f"{split}/seconds": seconds,
                "selection_score": score}
         return Validation(row, score)

@@ -18,15 +18,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..config import flatten
+from ..errors import UserError
 from ..fileio import write_text_atomic
+from ..run import RunFolder
+from .metrics import METRICS
 
-# (metrics.json key, column title); the DCG's own accuracy sits beside the diffusion's.
-COLUMNS = (("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("auroc_macro_ovr", "AUROC"),
-           ("kappa_quadratic", "kappa"), ("ece", "ECE"), ("dcg_accuracy", "DCG accuracy"))
+# (metrics.json key, column title) of the registered metrics that have a column (diffmic.evaluation.metrics).
+COLUMNS = tuple((metric.key, metric.column) for metric in METRICS if metric.column)
 IGNORED_KEYS = ("train.seed", "data.fold")  # what varies inside a group
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The runs cannot be compared as given; the message names the run and the fix."""
 
 
@@ -38,33 +41,23 @@ class RunResult:
     metrics_file: Path
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def test_metrics_file(run_dir: Path) -> Path:
     """RUN/eval/test/metrics.json (what a sweep writes), else the newest test-split metrics.json under RUN/eval."""
-    preferred = run_dir / "eval" / "test" / "metrics.json"
+    folder = RunFolder(run_dir)
+    preferred = folder.test_evaluation / "metrics.json"
     if preferred.is_file():
         return preferred
-    found = [path for path in (run_dir / "eval").glob("*/metrics.json")
-             if json.loads(path.read_text()).get("split") == "test"]
+    found = [path for path in folder.evaluations() if json.loads(path.read_text()).get("split") == "test"]
     if not found:
         raise CompareError(f"{run_dir} has no evaluation of its test split; run `diffmic eval --run {run_dir}`")
     return max(found, key=os.path.getmtime)
 
 
 def load_result(run_dir: Path) -> RunResult:
-    config_file = run_dir / "config.yaml"
+    config_file = RunFolder(run_dir).config_file
     if not config_file.is_file():
         raise CompareError(f"{run_dir} has no config.yaml: is it a run folder made by `diffmic train`?")
-    settings = {key: value for key, value in _flatten(yaml.safe_load(config_file.read_text())).items()
+    settings = {key: value for key, value in flatten(yaml.safe_load(config_file.read_text())).items()
                 if key not in IGNORED_KEYS}
     path = test_metrics_file(run_dir)
     return RunResult(run_dir, settings, json.loads(path.read_text()), path)

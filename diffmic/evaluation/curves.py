@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..run import RunFolder, read_metrics
 from .plots import _save_atomically
 
-CURVES_FILE = "curves.png"  # in the run folder
 LOSS_TERMS = (("loss", "total"), ("mse", "MSE (fused branch)"), ("mmd", "MMD (global + local)"),
               ("dcg_loss", "guidance cross-entropy"))
 RATES = (("lr_denoiser", "denoiser"), ("lr_dcg", "guidance model"))
@@ -123,3 +123,9 @@ def plot_training_curves(rows: Iterable[dict], path: str | os.PathLike, title: s
         axes.set_xlabel("optimiser step")
     figure.suptitle(title or f"training curves, {len(train)} logged intervals up to step {train[-1]['step']}")
     return _save_atomically(figure, path)
+
+
+def draw_run_curves(folder: RunFolder) -> Path:
+    """RUN/curves.png from RUN/metrics.jsonl (the trainer at the end of a session, `diffmic report` at any time);
+    ValueError while no training step is logged."""
+    return plot_training_curves(read_metrics(folder), folder.curves_file, title=f"{folder.name}: training curves")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..diffusion.sampler import SamplingSettings
+from ..config import EvalConfig
 
 
 @dataclass
@@ -56,7 +56,7 @@ def per_sample_noise(keys: list[str], seed: int, slots: int, n_samples: int, cla
 
 
 @torch.no_grad()
-def predict_batches(model, batches, device, seed: int, sampling: SamplingSettings, record_every: int = 0,
+def predict_batches(model, batches, device, seed: int, sampling: EvalConfig, record_every: int = 0,
                     autocast=None, on_batch=None) -> SplitPredictions:
     """Runs `model.predict` over this process's batches (no collective inside)."""
     parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "dcg_probs": [], "uncertainty": [],

@@ -13,6 +13,7 @@ Undefined values are None (JSON null), never NaN, so `json.dumps(..., allow_nan=
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,35 @@ from rich.text import Text
 
 # The config's `select_metric` names -> keys of the metrics dict.
 SELECTION_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "kappa": "kappa_quadratic"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number of metrics.json and where else it is shown. Each registered metric a run's metrics hold is a
+    row of `diffmic eval`'s terminal table (in this order); `column` makes it a column of `diffmic compare`'s
+    tables (mean ± std over seeds and folds); `logged` makes it part of every validation during training
+    (RUN/metrics.jsonl as <split>/<logged>, and the experiment trackers)."""
+
+    key: str  # in metrics.json; dcg_<key>: the DCG's own value of <key>, from its probabilities
+    title: str  # in the terminal table
+    column: str | None = None
+    logged: str | None = None
+    with_dcg: bool = False  # the table shows the DCG's own value (dcg_<key>) in brackets beside it
+
+
+# The registry: the terminal table, `diffmic compare` and the validation rows (and so the trackers) read it.
+METRICS = (
+    Metric("accuracy", "accuracy", column="accuracy", logged="accuracy"),
+    Metric("macro_f1", "macro F1", column="macro F1", logged="macro_f1"),
+    Metric("balanced_accuracy", "balanced accuracy"),
+    Metric("auroc_macro_ovr", "AUROC (macro, one-vs-rest)", column="AUROC"),
+    Metric("kappa_quadratic", "Cohen's kappa (quadratic)", column="kappa", logged="kappa"),
+    Metric("num_images", "images"),
+    Metric("ece", "ECE (DCG)", column="ECE", with_dcg=True),  # diffmic.evaluation.calibration computes it
+    Metric("dcg_accuracy", "DCG accuracy", column="DCG accuracy", logged="dcg_accuracy"),
+    Metric("dcg_macro_f1", "DCG macro F1", logged="dcg_macro_f1"),
+    Metric("uncertainty_auroc", "uncertainty AUROC (wrong vs right)"),  # with several chains per image
+)
 
 # Rows sums further than this from 1 are treated as unnormalised scores and renormalised.
 _ROW_SUM_TOLERANCE = 1e-6
@@ -125,6 +155,16 @@ def classification_metrics(labels: Any, probs: Any, preds: Any = None,
     }
 
 
+def split_metrics(labels: Any, probs: Any, dcg_probs: Any, class_names: Sequence[str]) -> dict[str, Any]:
+    """`classification_metrics` of the diffusion's probabilities, with the DCG's own value of every registered
+    dcg_<key> metric that `classification_metrics` computes (from the DCG's probabilities)."""
+    metrics = classification_metrics(labels, probs, class_names=class_names)
+    dcg = classification_metrics(labels, dcg_probs, class_names=class_names)
+    own = {metric.key: metric.key.removeprefix("dcg_") for metric in METRICS if metric.key.startswith("dcg_")}
+    metrics.update({key: dcg[name] for key, name in own.items() if name in dcg})
+    return metrics
+
+
 def selection_score(metrics: Mapping[str, Any], name: str) -> float:
     """The value the trainer maximises for `select_metric` `name`. An undefined value (kappa on a
     single-class split) is -inf, so it never wins a comparison the way NaN would silently do."""
@@ -142,17 +182,15 @@ def _formatted(value: Any) -> str:
     return str(value)
 
 
-_OVERALL_ROWS = (("accuracy", "accuracy"), ("macro F1", "macro_f1"), ("balanced accuracy", "balanced_accuracy"),
-                 ("AUROC (macro, one-vs-rest)", "auroc_macro_ovr"), ("Cohen's kappa (quadratic)", "kappa_quadratic"),
-                 ("images", "num_images"))
-
-
 def _overall_table(metrics: Mapping[str, Any], extra_rows: Iterable[tuple[str, Any]]) -> Table:
     table = Table(show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for label, key in _OVERALL_ROWS:
-        table.add_row(label, _formatted(metrics[key]))
+    for metric in METRICS:
+        if metric.key in metrics:
+            value = _formatted(metrics[metric.key])
+            dcg = f" ({_formatted(metrics[f'dcg_{metric.key}'])})" if metric.with_dcg else ""
+            table.add_row(metric.title, value + dcg)
     for label, value in extra_rows:
         table.add_row(str(label), _formatted(value))
     return table

@@ -20,18 +20,19 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..accelerator import inference_precision, make_accelerator
+from ..config import EvalConfig
 from ..data import eval_loader, read_manifest
+from ..data.images import IMAGE_SUFFIXES
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
-from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from ..progress import ProgressBar
+from ..run import RunFolder
+from .calibration import selective_curve, top_label_uncertainty, trust_metrics
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
-from .metrics import classification_metrics, metrics_table
+from .metrics import metrics_table, split_metrics
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
-from .settings import EvalSettings, resolve_eval_settings
 
 TRAJECTORY_POINTS = 10  # recorded states along each chain for the trajectory figure
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -46,11 +47,11 @@ def precision_autocast(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalSettings | None, device: torch.device):
+def load_checkpoint_model(run_dir: Path, checkpoint: str, settings: EvalConfig | None, device: torch.device):
     """The checkpoint, its model on `device` ready to sample (compiled if the settings ask) and the settings
     to sample it with (the run's own where none are given)."""
     info = ckpt.find_checkpoint(run_dir, checkpoint)
-    settings = settings or resolve_eval_settings(info.config)
+    settings = settings or info.config.eval
     model = ckpt.build_model_from_checkpoint(info, settings.use_ema).to(device)
     # Value checks read tensors back to the host: free on a CPU, a sync per batch on a GPU.
     model.check_values = device.type == "cpu"
@@ -81,7 +82,7 @@ def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: Path | None) -> Path
 
 
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test",
-                 settings: EvalSettings | None = None, out_dir: str | Path | None = None,
+                 settings: EvalConfig | None = None, out_dir: str | Path | None = None,
                  shards: str | Path | None = None, progress: bool = True) -> EvalResult:
     """`settings` from `resolve_eval_settings` on the checkpoint's config; None: that config's own."""
     run_dir = Path(run_dir)
@@ -93,10 +94,10 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "te
         accelerator.end_training()
 
 
-def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalSettings | None, out_dir, shards,
+def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalConfig | None, out_dir, shards,
               progress: bool, accelerator) -> EvalResult:
     info, model, settings = load_checkpoint_model(run_dir, checkpoint, settings, accelerator.device)
-    config, sampling = info.config, settings.sampling
+    config = info.config
     shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
     check_shards_fit(manifest, info)
@@ -106,11 +107,11 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalSettings
     precision = inference_precision(settings.precision)
     loader = eval_loader(shard_dir, split, config.data, settings.batch_size, accelerator.process_index,
                          accelerator.num_processes)
-    record_every = max(1, sampling.steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
+    record_every = max(1, settings.steps // TRAJECTORY_POINTS) if model.denoiser is not None else 0
     started = time.perf_counter()
     # Only this process's share is counted: the bar tracks rank 0's part of the split.
     with ProgressBar("eval", enabled=accelerator.is_main_process and progress) as bar:
-        local = predict_batches(model, loader, accelerator.device, config.train.seed, sampling, record_every,
+        local = predict_batches(model, loader, accelerator.device, config.train.seed, settings, record_every,
                                 precision_autocast(accelerator.device, precision), on_batch=bar.advance)
     predictions = gather_predictions(local, accelerator)
     seconds = time.perf_counter() - started
@@ -120,20 +121,19 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalSettings
     metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
     out = None
     if accelerator.is_main_process:
-        named = f"{split}-{checkpoint}-{sampling.sampler}{sampling.steps}"
-        out = Path(out_dir) if out_dir else run_dir / "eval" / named
+        out = Path(out_dir) if out_dir else RunFolder(run_dir).default_evaluation(split, checkpoint, settings.sampler,
+                                                                                 settings.steps)
         write_outputs(out, predictions, metrics, manifest.classes)
     accelerator.wait_for_everyone()
     return EvalResult(out, metrics, predictions)
 
 
-def _report(predictions, classes, info, manifest, split, settings: EvalSettings, seconds) -> dict:
-    metrics = classification_metrics(predictions.labels, predictions.probs, class_names=classes)
-    dcg = classification_metrics(predictions.labels, predictions.dcg_probs, class_names=classes)
+def _report(predictions, classes, info, manifest, split, settings: EvalConfig, seconds) -> dict:
+    metrics = split_metrics(predictions.labels, predictions.probs, predictions.dcg_probs, classes)
     metrics.update({
-        "dcg_accuracy": dcg["accuracy"], "dcg_macro_f1": dcg["macro_f1"], "split": split,
-        "sampler": settings.sampling.sampler, "steps": settings.sampling.steps,
-        "n_samples": settings.sampling.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
+        "split": split,
+        "sampler": settings.sampler, "steps": settings.steps,
+        "n_samples": settings.n_samples, "ema": settings.use_ema and info.has_ema, "seconds": seconds,
         "compiled": settings.compile,
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
@@ -183,14 +183,11 @@ def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
 
 
 def print_metrics(metrics: dict, title: str) -> None:
+    """The registered metrics (diffmic.evaluation.metrics.METRICS), then how the chains were sampled."""
     from rich.console import Console
 
-    extra = [("DCG accuracy", metrics["dcg_accuracy"]), ("DCG macro F1", metrics["dcg_macro_f1"]),
-             ("ECE (DCG)", f"{metrics['ece']:.4f} ({metrics['dcg_ece']:.4f})")]
-    if "uncertainty_auroc" in metrics:
-        extra.append(("uncertainty AUROC (wrong vs right)", metrics["uncertainty_auroc"]))
-    extra += [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
-              ("images/s", f"{metrics['images_per_s']:.1f}")]
+    extra = [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
+             ("images/s", f"{metrics['images_per_s']:.1f}")]
     Console().print(metrics_table(metrics, title, extra))
 
 
@@ -234,7 +231,7 @@ def load_images(files: list[Path], transform) -> torch.Tensor:
 
 
 def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "best",
-                  settings: EvalSettings | None = None, batch_size: int = 32) -> tuple[list[dict], list[str]]:
+                  settings: EvalConfig | None = None, batch_size: int = 32) -> tuple[list[dict], list[str]]:
     """Rows of (file, predicted class, probabilities, uncertainty) for loose image files."""
     from ..data import eval_transform
 
@@ -251,7 +248,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         chunk = files[start:start + batch_size]
         batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
                  "key": [str(path) for path in chunk]}
-        result = predict_batches(model, [batch], device, config.train.seed, settings.sampling, autocast=autocast)
+        result = predict_batches(model, [batch], device, config.train.seed, settings, autocast=autocast)
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
@@ -263,7 +260,7 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
     return rows, classes
 
 
-def check_flag_threshold(threshold: float, config, settings: EvalSettings) -> None:
+def check_flag_threshold(threshold: float, config, settings: EvalConfig) -> None:
     """`diffmic predict --flag-uncertain T` needs an uncertainty to compare with T: several diffusion chains
     per image. The uncertainty is the share of chains that disagree with the prediction, in [0, 1], so a T
     outside [0, 1] (or NaN) means nothing and is refused, like a run without chains."""
@@ -273,9 +270,9 @@ def check_flag_threshold(threshold: float, config, settings: EvalSettings) -> No
     if not config.uses_diffusion:
         raise EvalSettingsError("--flag-uncertain needs the diffusion's chains, and this run is the "
                                 "'basic' variant (the DCG alone): it has no uncertainty to flag")
-    if settings.sampling.n_samples < 2:
+    if settings.n_samples < 2:
         raise EvalSettingsError(f"--flag-uncertain needs several chains per image to measure their disagreement; "
-                                f"this prediction draws {settings.sampling.n_samples}: add --n-samples 5 (or more)")
+                                f"this prediction draws {settings.n_samples}: add --n-samples 5 (or more)")
 
 
 def flag_uncertain_rows(rows: list[dict], threshold: float) -> None:

@@ -3,7 +3,7 @@ per GPU (or N CPU tasks), preemption handled by saving, requeueing and resuming.
 
 The submitted callable (`DistributedJob`) lives in the installed package, so a job needs nothing but
 the environment that submitted it. Inside each task it exports the torch.distributed variables from
-submitit's job environment, then calls `diffmic.engine.train` or `diffmic.evaluation.runner.evaluate_run`.
+submitit's job environment, then runs the job (diffmic.launch.job) the command resolved.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..config import flag
 from ..errors import SlurmError
 from ..fileio import write_json_atomic
-from . import flag
+from ..run import RunFolder
 
-# RUN/slurm_train.json and RUN/slurm_eval.json record the submitted jobs for `diffmic status`.
-JOB_FILE = "slurm_{kind}.json"
 UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
               "RESIZING", "SUSPENDED", "UNKNOWN", "READY"}
 FINISHED_OK = {"COMPLETED", "DONE"}
@@ -85,48 +84,25 @@ class SlurmOptions:
         return max(1, days * 1440 + hours * 60 + minutes + (1 if seconds else 0))
 
 
-def run_job(kind: str, arguments: dict, run_dir: str | None, progress: bool = False, announce: bool = False) -> dict:
-    """What every process of a launched command runs, a Slurm task or a local process alike: the training
-    (`kind` "train") or the evaluation ("eval") of the arguments the command resolved. `announce`: the main
-    process prints what the command would have printed had it run here."""
-    if kind == "eval":
-        from ..evaluation.runner import evaluate_run, print_result
-        from ..evaluation.settings import EvalSettings
-
-        settings = arguments.get("settings")
-        if isinstance(settings, dict):  # sent as JSON to local processes
-            arguments = {**arguments, "settings": EvalSettings.from_dict(settings)}
-        result = evaluate_run(**arguments, progress=progress)
-        if announce and result.out_dir is not None:
-            print_result(result, arguments.get("split", "test"), arguments.get("checkpoint", "best"))
-        return {"out_dir": str(result.out_dir) if result.out_dir else None, "accuracy": result.metrics["accuracy"]}
-    from ..config import config_from_dict
-    from ..engine import train
-
-    config = config_from_dict(arguments["config"])
-    result = train(config, arguments["shards"], run_dir, progress=progress, facts=arguments.get("facts"),
-                   allow_changes=arguments.get("allow_changes", ()))
-    if announce and int(os.environ.get("RANK", "0")) == 0:
-        from rich.console import Console
-
-        Console().print(result.summary(config.train.select_metric), highlight=False, soft_wrap=True)
-    return {"step": result.step, "stopped_by": result.stopped_by, "best_step": result.best_step,
-            "last_checkpoint": str(result.last_checkpoint), "processes": result.processes}
-
-
 @dataclass
 class DistributedJob:
-    """What runs in every task. Picklable; `checkpoint` is submitit's hook for preemption and timeouts."""
+    """What runs in every task: the job (diffmic.launch.job) as its JSON, so that what a Slurm task runs is read
+    exactly as a local process reads it. Picklable; `checkpoint` is submitit's hook for preemption and
+    timeouts."""
 
-    kind: str  # "train" or "eval"
-    arguments: dict
-    run_dir: str
+    job: str  # to_json of a TrainJob or an EvalJob
     max_requeues: int = 3
     requeues: int = 0
     attempts: list = field(default_factory=list)
 
+    @property
+    def kind(self) -> str:
+        return json.loads(self.job)["kind"]
+
     def __call__(self):
         import submitit
+
+        from .job import job_from_json
 
         environment = submitit.JobEnvironment()
         # Every rank must see the same variables torchrun would set: Accelerate reads them.
@@ -135,7 +111,7 @@ class DistributedJob:
             import torch
 
             torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
-        outcome = run_job(self.kind, self.arguments, self.run_dir)
+        outcome = job_from_json(self.job).run(progress=False, announce=False)
         if outcome.get("stopped_by") == "signal":
             self._requeue_after_save(environment)
         return outcome
@@ -156,7 +132,7 @@ class DistributedJob:
 
         if self.requeues >= self.max_requeues:
             return None  # submitit then ends the job instead of requeueing it
-        following = DistributedJob(self.kind, self.arguments, self.run_dir, self.max_requeues, self.requeues + 1,
+        following = DistributedJob(self.job, self.max_requeues, self.requeues + 1,
                                    self.attempts + [time.strftime("%Y-%m-%dT%H:%M:%S")])
         return submitit.helpers.DelayedSubmission(following)
 
@@ -226,12 +202,13 @@ def job_record(submitted, kind: str, options: SlurmOptions, log_dir: Path, when:
 
 def submit(job: DistributedJob, options: SlurmOptions, run_dir: Path, job_name: str):
     """Submits the job and records its id in RUN/slurm_<kind>.json for `diffmic status`."""
-    log_dir = run_dir / "slurm"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir)
+    log_dir = folder.slurm_logs
+    folder.path.mkdir(parents=True, exist_ok=True)
     executor = make_executor(options, log_dir, job_name)
     submitted = executor.submit(job)
     record = job_record(submitted, job.kind, options, log_dir, time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_json_atomic(run_dir / JOB_FILE.format(kind=job.kind), record)
+    write_json_atomic(folder.job_file(job.kind), record)
     return submitted, record
 
 
@@ -256,7 +233,7 @@ def submit_array(tasks: list, options: SlurmOptions, log_dir: Path, job_name: st
 
 
 def job_records(run_dir: Path) -> list[dict]:
-    paths = [Path(run_dir) / JOB_FILE.format(kind=kind) for kind in ("train", "eval")]
+    paths = [RunFolder(run_dir).job_file(kind) for kind in ("train", "eval")]
     records = [json.loads(path.read_text()) for path in paths if path.is_file()]
     if not records:
         raise SlurmError(f"{run_dir} holds no slurm_train.json or slurm_eval.json: no job was submitted for it "

@@ -2,11 +2,11 @@
 evaluated on its test split, resumable by running the same command again.
 
 The plan is `SWEEP/sweep.json` (every run's config file, overrides, seed, fold and, with --slurm, its array
-task). Each run is an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same `diffmic
-train` and `diffmic eval` a user would type, in a child process: one run's crash cannot take the sweep down,
-and a resumed run goes through the trainer's own resume from its latest checkpoint. Whoever executes a run
-(the local loop, or its Slurm array task) writes its status to `SWEEP/runs/<name>/sweep-status.json`, so
-array tasks running at once never write the same file.
+task). Each run is an ordinary run folder `SWEEP/runs/<name>/`, trained and evaluated by the same jobs
+(diffmic.launch.job) as `diffmic train` and `diffmic eval`, each in a child process: one run's crash cannot
+take the sweep down, and a resumed run goes through the trainer's own resume from its latest checkpoint.
+Whoever executes a run (the local loop, or its Slurm array task) writes its status to
+`SWEEP/runs/<name>/sweep-status.json`, so array tasks running at once never write the same file.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,16 +23,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..errors import USER_ERRORS, UserError
 from ..fileio import write_json_atomic
+from ..run import RunFolder
+from .job import EvalJob, Job, TrainJob, job_command, job_file
 
 SWEEP_FILE = "sweep.json"
-RUN_STATUS_FILE = "sweep-status.json"  # in each run folder: its status, written by whoever executes it
 STATUS_FIELDS = ("status", "error", "started", "ended")
-EVAL_FOLDER = "eval/test"  # RUN/eval/test/metrics.json: what `diffmic compare` reads
 STATUSES = ("pending", "queued", "training", "evaluating", "finished", "failed")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep cannot be planned or resumed as asked; the message says what to change."""
 
 
@@ -51,20 +53,24 @@ class SweepRun:
     # a run that is training from one whose process was killed or whose job ended.
     executor: dict = field(default_factory=dict)
 
+    def folder(self, sweep_dir: Path) -> RunFolder:
+        return RunFolder(Path(sweep_dir) / "runs" / self.name)
+
     def run_dir(self, sweep_dir: Path) -> Path:
-        return sweep_dir / "runs" / self.name
+        return self.folder(sweep_dir).path
 
     def metrics_file(self, sweep_dir: Path) -> Path:
-        return self.run_dir(sweep_dir) / EVAL_FOLDER / "metrics.json"
+        """RUN/eval/test/metrics.json: the evaluation the sweep writes, which `diffmic compare` reads."""
+        return self.folder(sweep_dir).test_evaluation / "metrics.json"
 
     def write_status(self, sweep_dir: Path) -> None:
-        write_json_atomic(self.run_dir(sweep_dir) / RUN_STATUS_FILE,
+        write_json_atomic(self.folder(sweep_dir).sweep_status_file,
                           {**{key: getattr(self, key) for key in STATUS_FIELDS}, "executor": self.executor})
 
     def read_status(self, sweep_dir: Path) -> None:
         import json
 
-        path = self.run_dir(sweep_dir) / RUN_STATUS_FILE
+        path = self.folder(sweep_dir).sweep_status_file
         if path.is_file():
             values = json.loads(path.read_text())
             for key in STATUS_FIELDS:
@@ -75,11 +81,16 @@ class SweepRun:
     def shown_status(self) -> str:
         """The status, or "interrupted" for a run left training or evaluating by a process that is dead
         (on this host) or a Slurm job that ended: running the sweep again resumes it."""
-        from ..engine.runlock import is_stale, this_holder
+        from ..run.lock import is_stale, this_holder
 
         if self.status in ("training", "evaluating") and self.executor and is_stale(self.executor, this_holder("")):
             return "interrupted"
         return self.status
+
+
+def sweep_logs(sweep_dir: Path) -> Path:
+    """SWEEP/slurm: submitit's logs of the sweep's job array."""
+    return Path(sweep_dir) / "slurm"
 
 
 def parse_grid(values: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -181,13 +192,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _diffmic(args: list[str], log: Path) -> int:
-    """`diffmic ARGS` in a child process, its output appended to `log`; the exit status."""
+def _run_child(job: Job, command: str, log: Path) -> int:
+    """The job in a child process, its output appended to `log` under the `diffmic` command it amounts to; the
+    exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as handle:
-        handle.write(f"\n$ diffmic {' '.join(args)}\n")
+    with open(log, "a") as handle, job_file(job) as spec:
+        handle.write(f"\n$ {command}\n")
         handle.flush()
-        child = subprocess.Popen([sys.executable, "-m", "diffmic", *args], stdout=handle, stderr=subprocess.STDOUT,
+        child = subprocess.Popen([sys.executable, *job_command(spec)], stdout=handle, stderr=subprocess.STDOUT,
                                  preexec_fn=_die_with_parent if os.name == "posix" else None)
         try:
             return child.wait()
@@ -202,38 +214,55 @@ def _last_lines(log: Path, count: int = 3) -> str:
     return " | ".join(lines[-count:])[-600:]
 
 
-def train_args(run: SweepRun, run_dir: Path, shards: str | None) -> list[str]:
-    args = ["train", "--config", run.config_file, "--run-dir", str(run_dir), "--no-progress"]
-    args += ["--shards", shards] if shards else []
-    return args + [item for override in run.overrides for item in ("--set", override)]
+def train_job(run: SweepRun, folder: RunFolder, shards: str | None) -> tuple[TrainJob, str]:
+    """The run's training (or its resume) and the `diffmic train` command it amounts to, which run.json records."""
+    from ..config import load_config
+    from ..data import shard_dir_for
+
+    config = load_config(run.config_file, run.overrides)
+    args = ["train", "--config", run.config_file, "--run-dir", str(folder.path),
+            *(["--shards", shards] if shards else []),
+            *[item for override in run.overrides for item in ("--set", override)]]
+    command = shlex.join(["diffmic", *args])
+    facts = {"config_file": str(Path(run.config_file).resolve()), "command": command}
+    return TrainJob(config, shards or shard_dir_for(config.data), str(folder.path), facts=facts), command
 
 
-def eval_args(run_dir: Path) -> list[str]:
+def eval_job(folder: RunFolder) -> tuple[EvalJob, str]:
+    """The run's evaluation on its test split into RUN/eval/test, and the `diffmic eval` command it amounts to."""
     from ..checkpoint import best_step
 
     # The best checkpoint when the run validated, else its last one (train.val_every=0).
-    which = "best" if best_step(run_dir) is not None else "last"
-    return ["eval", "--run", str(run_dir), "--checkpoint", which, "--split", "test", "--out",
-            str(run_dir / EVAL_FOLDER), "--no-progress"]
+    which = "best" if best_step(folder) is not None else "last"
+    job = EvalJob(str(folder.path), which, "test", out_dir=str(folder.test_evaluation))
+    return job, shlex.join(["diffmic", "eval", "--run", job.run_dir, "--checkpoint", which, "--split", "test",
+                            "--out", job.out_dir])
 
 
 def execute_run(run: SweepRun, sweep_dir: Path, shards: str | None,
                 on_change: Callable[[SweepRun], None] = lambda run: None) -> SweepRun:
-    """Trains (or resumes) and evaluates one run; its status is kept up to date in its folder and through
-    `on_change`."""
-    from ..engine.runlock import this_holder
+    """Trains (or resumes) and evaluates one run, each in a child process; its status is kept up to date in its
+    folder and through `on_change`."""
+    from ..run.lock import this_holder
 
-    run_dir, log = run.run_dir(sweep_dir), run.run_dir(sweep_dir) / "sweep.log"
+    folder = run.folder(sweep_dir)
     run.started, run.error, run.executor = time.strftime("%Y-%m-%dT%H:%M:%S"), "", this_holder("")
 
     def changed(run: SweepRun) -> None:
         run.write_status(sweep_dir)
         on_change(run)
 
-    for status, args in (("training", train_args(run, run_dir, shards)), ("evaluating", None)):
+    steps = (("training", lambda: train_job(run, folder, shards)), ("evaluating", lambda: eval_job(folder)))
+    for status, make_job in steps:
         run.status = status
         changed(run)
-        if _diffmic(args or eval_args(run_dir), log) != 0:
+        try:
+            job, command = make_job()  # after training: the evaluation reads which checkpoints it left
+        except USER_ERRORS as error:  # a config file gone or broken since the sweep was planned
+            run.status, run.error = "failed", f"{status} failed: {error}"
+            break
+        if _run_child(job, command, folder.sweep_log) != 0:
+            log = folder.sweep_log
             run.status, run.error = "failed", f"{status} failed: {_last_lines(log)} (log: {log})"
             break
     else:
@@ -312,7 +341,7 @@ def submit_sweep(plan: SweepPlan, sweep_dir: Path, options, parallelism: int,
     if not todo:
         return []
     tasks = [SweepTask(str(sweep_dir.resolve()), run.name, options.max_requeues) for run in todo]
-    jobs, records = submit_array(tasks, options, sweep_dir / "slurm", f"diffmic-sweep-{sweep_dir.name}", parallelism)
+    jobs, records = submit_array(tasks, options, sweep_logs(sweep_dir), f"diffmic-sweep-{sweep_dir.name}", parallelism)
     for run, record in zip(todo, records):
         run.status, run.error = "queued", ""
         run.write_status(sweep_dir)

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hardware
-from ..config import Config
-from ..errors import EvalSettingsError
-from ..diffusion import NoiseSchedule, SamplingSettings, antithetic_timesteps, mmd, sample
+from ..config import Config, EvalConfig
+from ..diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
+from ..diffusion.probability import chain_disagreement, chain_probabilities
 from ..diffusion.sampler import reverse_step
+from ..errors import EvalSettingsError
 from .backbones import PlainClassifier
 from .dcg import DCG, GuidanceLogits
 from .denoiser import Denoiser
@@ -53,26 +54,6 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor | None, num_classes: 
                              f"{num_classes}), got values {sorted(set(labels.tolist()))}")
     if values and not bool(torch.isfinite(images).all()):
         raise ValueError("images contain NaN or infinite values")
-
-
-def chain_probabilities(y0: torch.Tensor, rule: str = "positive_part") -> torch.Tensor:
-    """Maps the final states of an image's chains (B, n_samples, C) to probabilities (B, C), by `rule`:
-
-    - positive_part: y0 lives on the scale of one-hot labels, so the positive part of the chains' mean state is
-      normalised; a mean state with no positive entry falls back to its softmax;
-    - softmax: the softmax of the chains' mean state (the authors' code);
-    - vote: the share of the chains whose state's argmax is each class (one-hot for a single chain).
-    """
-    if rule == "vote":
-        return F.one_hot(y0.argmax(dim=-1), y0.shape[-1]).to(y0.dtype).mean(dim=1)
-    state = y0.mean(dim=1)
-    if rule == "softmax":
-        return state.softmax(dim=-1)
-    if rule != "positive_part":
-        raise ValueError(f"unknown probability rule {rule!r}")
-    positive = state.clamp_min(0)
-    total = positive.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, positive / total.clamp_min(1e-12), state.softmax(dim=-1))
 
 
 # Checkpoints written before the guidance network was named `dcg` in code (as in the config and the outputs)
@@ -198,12 +179,13 @@ class DiffMIC(nn.Module):
 
     # --- inference --------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator | None = None,
+    def predict(self, images: torch.Tensor, sampling: EvalConfig, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None, record_every: int = 0) -> Prediction:
         """Class probabilities for a batch of images (in eval mode; the previous mode is restored).
 
         `noise` (S + 1, B * n_samples, C), rows ordered image-major, fixes every chain's noise; else
-        `generator` (or the global RNG) draws it. The caller resolves `sampling` (diffmic.evaluation.settings).
+        `generator` (or the global RNG) draws it. `sampling`: the evaluation settings (sampler, steps, chains, rule),
+        resolved by the caller (diffmic.evaluation.settings).
         """
         check_batch(images, None, self.num_classes, self.image_size, self.check_values)
         was_training = self.training
@@ -219,7 +201,7 @@ class DiffMIC(nn.Module):
         finally:
             self.train(was_training)
 
-    def _diffuse(self, images, prior, dcg_probs, sampling: SamplingSettings, generator, noise,
+    def _diffuse(self, images, prior, dcg_probs, sampling: EvalConfig, generator, noise,
                  record_every) -> Prediction:
         batch, n_samples = images.shape[0], sampling.n_samples
         features = self.denoiser.encode(images).repeat_interleave(n_samples, dim=0)
@@ -227,7 +209,8 @@ class DiffMIC(nn.Module):
 
         if self.compiled_step is None:
             denoise = lambda y_t, t: self.denoiser(features, y_t, prior_rows, t).float()  # noqa: E731
-            y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling, noise, generator, record_every)
+            y0, trajectory = sample(denoise, prior_rows, self.schedule, sampling.sampler, sampling.steps, noise,
+                                    generator, record_every)
         else:
             y0, trajectory = self._sample_compiled(features, prior_rows, sampling, noise, generator, record_every)
         y0 = y0.view(batch, n_samples, self.num_classes)
@@ -235,7 +218,7 @@ class DiffMIC(nn.Module):
         label = probs.argmax(dim=-1)
         prediction = Prediction(probs, label, dcg_probs, dcg_probs.argmax(dim=-1), y0)
         if n_samples > 1:
-            prediction.uncertainty = 1 - (y0.argmax(dim=-1) == label.unsqueeze(1)).float().mean(dim=1)
+            prediction.uncertainty = chain_disagreement(y0, label)
             prediction.spread = y0.std(dim=1)
         if record_every:
             prediction.trajectory = [(t, y.view(batch, n_samples, -1)) for t, y in trajectory]
@@ -247,7 +230,7 @@ class DiffMIC(nn.Module):
                        row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return reverse_step(y_t, prior, self.denoiser(features, y_t, prior, t).float(), row, z)
 
-    def _sample_compiled(self, features, prior_rows, sampling: SamplingSettings, noise, generator, record_every):
+    def _sample_compiled(self, features, prior_rows, sampling: EvalConfig, noise, generator, record_every):
         import torch._inductor.config as inductor
 
         def step(y_t: torch.Tensor, t: torch.Tensor, row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -259,7 +242,8 @@ class DiffMIC(nn.Module):
         # Read when a graph is compiled (the first call of each batch shape), so set around the whole chain;
         # torch.compile's `options` does not reach it.
         with inductor.patch(freezing=True):
-            return sample(None, prior_rows, self.schedule, sampling, noise, generator, record_every, step)
+            return sample(None, prior_rows, self.schedule, sampling.sampler, sampling.steps, noise, generator,
+                          record_every, step)
 
     def compile_sampling(self, device: torch.device) -> None:
         """Compiles one reverse step (the denoiser's MLP and the update) into one graph for `predict`.

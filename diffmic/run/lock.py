@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 
 from ..errors import RunLockError
+from .folder import RunFolder
 
-LOCK_FILE = ".lock"
 # squeue states of a job that still runs or will run again.
 LIVE_JOB_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
@@ -84,7 +84,7 @@ def is_stale(holder: dict, me: dict) -> bool:
 
 class RunLock:
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = RunFolder(run_dir).lock_file
         self.token = uuid.uuid4().hex
         self.held = False
 
@@ -108,7 +108,7 @@ class RunLock:
 
     def _create(self, me: dict) -> bool:
         """Atomic: the lock appears with its whole content, or not at all if one exists already."""
-        temporary = self.path.with_name(f"{LOCK_FILE}.{self.token}.tmp")
+        temporary = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
         temporary.write_text(json.dumps(me, indent=2))
         try:
             os.link(temporary, self.path)
@@ -130,7 +130,7 @@ class RunLock:
 
     def _remove_stale(self, holder: dict) -> None:
         """Moves the stale lock aside first, so two processes recovering at once cannot both win."""
-        aside = self.path.with_name(f"{LOCK_FILE}.stale.{self.token}")
+        aside = self.path.with_name(f"{self.path.name}.stale.{self.token}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
