@@ -1,4 +1,4 @@
-"""Which uncertainty finds the mistakes? Every measure of diffmic.evaluation.uncertainty (CARD's interval width
+"""Which uncertainty finds the mistakes? Every measure of diffmic.diffusion.uncertainty (CARD's interval width
 and t-test, the chains' disagreement and spread, the entropy of the prediction, the DCG's entropy and
 1 - max probability) and candidate combinations, scored on the full DiffMIC runs of benchmarks/learn_budget.py
 from the chains they kept (chains.npz): no sampling, seconds per run.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from diffmic.diffusion.probability import chain_probabilities
+from diffmic.diffusion.uncertainty import MEASURES, ChainOutputs, uncertainty
 from diffmic.evaluation.calibration import calibration_metrics, selective_accuracy, uncertainty_auroc
-from diffmic.evaluation.uncertainty import MEASURES, ChainOutputs, uncertainty
 
 CHAIN_COUNTS = (5, 20)
 COVERAGES = (0.9, 0.8, 0.7)

@@ -19,6 +19,7 @@ import yaml
 
 from .diffusion.probability import AGGREGATES, PROBABILITY_RULES, conflict, rule_in_force
 from .diffusion.sampler import SAMPLERS
+from .diffusion.uncertainty import MEASURES, UNCERTAINTY_MEASURES
 from .errors import UserError
 
 # The ResNet trunks downsample by 32: one saliency-map cell covers a 32x32 tile of the input.
@@ -335,6 +336,16 @@ class EvalConfig(Section):
     # How y_0 becomes class probabilities: the normalised positive part of the chains' mean state, its softmax
     # (the authors' code), or the share of chains voting each class (one-hot with one chain; aggregate: vote).
     probability: Literal[PROBABILITY_RULES] = "positive_part"
+    # Divides the chains' mean state before probability: softmax (1: the authors' softmax). It moves no argmax,
+    # only the confidence: every evaluation reports `fitted_temperature`, the one that fits its split best.
+    temperature: float = flag(1.0, "--temperature", "Temperature of eval.probability: softmax (1: none); fit it on "
+                                                     "the val split: `diffmic eval --split val` reports "
+                                                     "fitted_temperature.")
+    # How uncertain a prediction is (diffmic.diffusion.uncertainty): predictions.csv's uncertainty column,
+    # uncertainty_auroc, selective.png and `predict --flag-uncertain` use it. The default is the one that best
+    # told wrong predictions from right ones in the README's comparison.
+    uncertainty: Literal[UNCERTAINTY_MEASURES] = flag("dcg_max_prob", "--uncertainty",
+                                                      f"How uncertain a prediction is: {', '.join(MEASURES)}.")
     batch_size: int = 64
     use_ema: bool = flag(True, "--ema/--no-ema", "Use the EMA weights of the denoiser or the raw ones.")
     # Inference precision: bf16 autocast, fp32, or auto (bf16 where the device has native bf16: a GPU with
@@ -352,6 +363,14 @@ class EvalConfig(Section):
         _require(self.batch_size >= 1, "batch_size", f"got {self.batch_size}, expected at least 1")
         problem = conflict(self.aggregate, self.probability)
         _require(problem is None, "probability", problem or "")
+        _require(0 < self.temperature < float("inf"), "temperature",
+                 f"got {self.temperature}, expected a positive number")
+        _require(self.temperature == 1.0 or self.rule == "softmax", "temperature",
+                 f"got {self.temperature}, but a temperature only applies to probability: softmax (the rule in force "
+                 f"is {self.rule}); set eval.probability=softmax too")
+        _require(not MEASURES[self.uncertainty].needs_chains or self.n_samples > 1, "uncertainty",
+                 f"{self.uncertainty!r} is measured across chains, and n_samples is {self.n_samples}; set "
+                 f"eval.n_samples=5 (or more) or a measure of the DCG (dcg_max_prob)")
 
     @property
     def rule(self) -> str:

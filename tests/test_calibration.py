@@ -94,14 +94,35 @@ def test_uncertainty_auroc_is_undefined_without_wrong_predictions():
 
 def test_trust_metrics_cover_the_diffusion_and_the_dcg():
     dcg = [[.6, .4], [.45, .55], [.4, .6], [.3, .7], [.2, .8]]
-    without_chains = trust_metrics(LABELS, PROBS, dcg, None)
-    assert set(without_chains) == {"ece", "brier", "nll", "dcg_ece", "dcg_brier", "dcg_nll"}
-    assert without_chains["dcg_brier"] == pytest.approx(calibration_metrics(LABELS, dcg)["brier"])
-    with_chains = trust_metrics(LABELS, PROBS, dcg, UNCERTAINTY)
+    without_measures = trust_metrics(LABELS, PROBS, dcg, {}, "disagreement")
+    assert set(without_measures) == {"ece", "brier", "nll", "dcg_ece", "dcg_brier", "dcg_nll", "uncertainty_measure",
+                                     "dcg_uncertainty_auroc", "dcg_selective_accuracy"}
+    assert without_measures["dcg_brier"] == pytest.approx(calibration_metrics(LABELS, dcg)["brier"])
+    measures = {"disagreement": np.array(UNCERTAINTY), "dcg_max_prob": 1 - np.max(dcg, axis=1)}
+    with_chains = trust_metrics(LABELS, PROBS, dcg, measures, "disagreement")
+    assert with_chains["uncertainty_measure"] == "disagreement"
     assert with_chains["uncertainty_auroc"] == pytest.approx(5.5 / 6)
+    # Every measure is scored against the prediction's own mistakes (the second and fourth images): the DCG's
+    # 1 - max probability .45, .3 of the wrong ones against .4, .4, .2 of the right ones: 4 of 6 pairs.
+    assert with_chains["uncertainty_auroc_by_measure"] == {"disagreement": pytest.approx(5.5 / 6),
+                                                           "dcg_max_prob": pytest.approx(4 / 6)}
+    assert with_chains["selective_accuracy"] == selective_accuracy(LABELS, PROBS, UNCERTAINTY)
     assert set(with_chains["dcg_selective_accuracy"]) == {"100%", "90%", "80%", "70%"}
-    # The DCG is right on every image, so its uncertainty cannot separate wrong from right.
+    # The DCG is right on every image, so its uncertainty cannot separate its own wrong from right.
     assert with_chains["dcg_uncertainty_auroc"] is None
+    # A measure these predictions cannot give (one chain) is named but not scored.
+    assert "uncertainty_auroc" not in trust_metrics(LABELS, PROBS, dcg, {"dcg_max_prob": measures["dcg_max_prob"]},
+                                                    "disagreement")
+
+
+def test_fitted_temperature_minimises_the_nll_and_recovers_a_known_one():
+    from diffmic.evaluation.calibration import fitted_temperature
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 5)) * 3
+    labels = np.array([rng.choice(5, p=np.exp(row) / np.exp(row).sum()) for row in logits])
+    # States that are the true logits scaled by 0.2: the best temperature divides by 0.2 again.
+    assert fitted_temperature(logits * 0.2, labels) == pytest.approx(0.2, rel=0.1)
 
 
 def _png(path):

@@ -228,4 +228,4 @@ def test_the_registry_decides_the_terminal_rows_and_a_registered_metric_shows_wi
     rows = [metric.title for metric in METRICS if metric.key in metrics]
     positions = [text.index(title) for title in rows]  # each title's first place is its own row
     assert positions == sorted(positions)  # in the registry's order
-    assert "uncertainty AUROC" not in text  # one chain per image: not in the metrics, not in the table
+    assert "uncertainty AUROC" not in text  # no uncertainty measured: not in the metrics, not in the table

@@ -117,7 +117,7 @@ def test_every_variant_trains_and_predicts(variant):
     assert prediction.probs.shape == (4, 3) and prediction.label.shape == (4,)
     torch.testing.assert_close(prediction.probs.sum(dim=1), torch.ones(4))
     assert prediction.dcg_probs.shape == (4, 3)
-    assert (prediction.uncertainty is None) == (variant == "basic")
+    assert (prediction.y0 is None) == (variant == "basic") and (prediction.spread is None) == (variant == "basic")
 
 
 def test_checkpoints_naming_the_guidance_network_guide_still_load():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from diffmic.evaluation.uncertainty import MEASURES, ChainOutputs, available_measures, uncertainty
+from diffmic.diffusion.uncertainty import MEASURES, ChainOutputs, available_measures, uncertainty
 
 
 def outputs(y0: list, dcg_probs: list | None = None) -> ChainOutputs:

@@ -65,9 +65,9 @@ def predict_command(
     checkpoint: str = CHECKPOINT_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="CSV to write. Default: RUN/predictions/<time>.csv."),
     flag_uncertain: float = typer.Option(None, "--flag-uncertain", metavar="T",
-                                         help="Mark the rows whose uncertainty (share of chains that disagree "
-                                              "with the prediction, 0..1) is above T, e.g. 0.3: a 'check' "
-                                              "column in the table and the CSV. Needs --n-samples > 1."),
+                                         help="Mark the rows whose uncertainty (the run's eval.uncertainty, or "
+                                              "--uncertainty; 1 - the DCG's top probability by default, 0..1) "
+                                              "is above T, e.g. 0.3: a 'check' column in the table and the CSV."),
     *,
     choices: dict,  # the evaluation settings' options, added by with_eval_settings
 ) -> None:
@@ -76,6 +76,7 @@ def predict_command(
     Examples:
       diffmic predict --run runs/digits-1 photos/ lesion_042.jpg
       diffmic predict --run runs/ham-1 --n-samples 10 --flag-uncertain 0.3 lesions/
+      diffmic predict --run runs/ham-1 --n-samples 10 --uncertainty t_test --flag-uncertain 0.05 lesions/
     """
     from ..evaluation.runner import check_flag_threshold, flag_uncertain_rows, predict_files, write_rows_csv
 
@@ -90,7 +91,7 @@ def predict_command(
     table = Table(title=f"{len(rows)} image(s), {checkpoint} checkpoint of {run}")
     table.add_column("file", overflow="fold")
     flag_column = ("check",) if flag_uncertain is not None else ()
-    for column in ("predicted", "probability", "DCG", "uncertainty", *flag_column):
+    for column in ("predicted", "probability", "DCG", f"uncertainty ({settings.uncertainty})", *flag_column):
         table.add_column(column, justify="right")
     for row in rows:
         uncertainty = "" if row["uncertainty"] is None else f"{row['uncertainty']:.2f}"
@@ -102,8 +103,8 @@ def predict_command(
     console.print(table)
     if flag_uncertain is not None:
         flagged = sum(row["check"] == "yes" for row in rows)
-        console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g}: check them by hand",
-                      highlight=False)
+        console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g} ({settings.uncertainty}): "
+                      "check them by hand", highlight=False)
     path = out or RunFolder(run).predictions_file()
     write_rows_csv(rows, path)
     console.print(f"wrote {path}", highlight=False)

@@ -1,4 +1,4 @@
-"""How the final states y_0 of an image's chains become its class probabilities and its uncertainty: the one
+"""How the final states y_0 of an image's chains become its class probabilities: the one
 place that names the rules (the config's `eval.aggregate` and `eval.probability` choices follow) and applies
 them (DiffMIC.predict).
 
@@ -33,12 +33,13 @@ def conflict(aggregate: str, probability: str) -> str | None:
             "use aggregate: mean or probability: vote")
 
 
-def chain_probabilities(y0: torch.Tensor, rule: str = "positive_part") -> torch.Tensor:
+def chain_probabilities(y0: torch.Tensor, rule: str = "positive_part", temperature: float = 1.0) -> torch.Tensor:
     """Maps the final states of an image's chains (B, n_samples, C) to probabilities (B, C), by `rule`:
 
     - positive_part: y0 lives on the scale of one-hot labels, so the positive part of the chains' mean state is
       normalised; a mean state with no positive entry falls back to its softmax;
-    - softmax: the softmax of the chains' mean state (the authors' code);
+    - softmax: the softmax of the chains' mean state (the authors' code) over `temperature` (eval.temperature;
+      1 is the authors' softmax; any temperature keeps the argmax);
     - vote: the share of the chains whose state's argmax is each class (one-hot for a single chain).
     """
     import torch
@@ -48,14 +49,9 @@ def chain_probabilities(y0: torch.Tensor, rule: str = "positive_part") -> torch.
         return F.one_hot(y0.argmax(dim=-1), y0.shape[-1]).to(y0.dtype).mean(dim=1)
     state = y0.mean(dim=1)
     if rule == "softmax":
-        return state.softmax(dim=-1)
+        return (state / temperature).softmax(dim=-1)
     if rule != "positive_part":
         raise ValueError(f"unknown probability rule {rule!r}; expected one of {', '.join(PROBABILITY_RULES)}")
     positive = state.clamp_min(0)
     total = positive.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, positive / total.clamp_min(1e-12), state.softmax(dim=-1))
-
-
-def chain_disagreement(y0: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """An image's uncertainty (B,): the share of its chains (B, n_samples, C) whose own label is not `label`."""
-    return 1 - (y0.argmax(dim=-1) == label.unsqueeze(1)).float().mean(dim=1)

@@ -4,9 +4,10 @@
   the negative log-likelihood. Brier and NLL come from scikit-learn. ECE is a few lines over the same
   bins the reliability diagram draws; torchmetrics has it too, but importing it costs ~6 s per
   evaluation process, so the test suite checks our value against torchmetrics' instead.
-- Uncertainty (several chains per image): the AUROC of the uncertainty for telling wrong predictions
-  from right ones, and selective prediction (accuracy of the most certain share of the images when the
-  rest is referred to a clinician) at fixed coverages.
+- Uncertainty (the measures of diffmic.diffusion.uncertainty): the AUROC of each for telling wrong
+  predictions from right ones, and selective prediction (accuracy of the most certain share of the images
+  when the rest is referred to a clinician) at fixed coverages.
+- Temperature scaling: the temperature of the softmax of the chains' mean state that fits a split best.
 
 Pure numpy and scikit-learn, no torch; undefined values are None (JSON null), as in metrics.py.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..diffusion.uncertainty import top_label_uncertainty
 from .metrics import _row_normalised, as_numpy, class_indices
 
 ECE_BINS = 15
@@ -121,20 +123,40 @@ def uncertainty_auroc(labels: Any, probs: Any, uncertainty: Any) -> float | None
     return float(roc_auc_score(wrong, as_numpy(uncertainty).astype(np.float64).reshape(-1)))
 
 
-def top_label_uncertainty(probs: Any) -> np.ndarray:
-    """1 - max probability: the uncertainty of a model that gives one probability vector (the DCG)."""
-    return 1.0 - as_numpy(probs).astype(np.float64).max(axis=1)
+def fitted_temperature(states: Any, labels: Any) -> float:
+    """The temperature T > 0 that minimises the NLL of softmax(states / T) on these images (Guo et al.'s
+    temperature scaling): `states` (N, C) are the chains' mean final states. Searched on log T in
+    [1e-3, 1e3]; the argmax of the probabilities does not depend on T."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    states = as_numpy(states).astype(np.float64)
+    labels = class_indices(labels, "labels", states.shape[0], states.shape[1])
+    rows = np.arange(len(labels))
+
+    def nll(log_temperature: float) -> float:
+        return float(-log_softmax(states / np.exp(log_temperature), axis=1)[rows, labels].mean())
+
+    best = minimize_scalar(nll, bounds=(np.log(1e-3), np.log(1e3)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x))
 
 
-def trust_metrics(labels: Any, probs: Any, dcg_probs: Any, uncertainty: Any | None) -> dict[str, Any]:
-    """The calibration of the diffusion and of the DCG alone, and, with several chains per image, how
-    well the chains' disagreement flags wrong predictions (the DCG's 1 - max probability beside it)."""
+def trust_metrics(labels: Any, probs: Any, dcg_probs: Any, measures: dict[str, np.ndarray],
+                  chosen: str) -> dict[str, Any]:
+    """The calibration of the diffusion and of the DCG alone; how well each uncertainty measure in `measures`
+    (name -> (N,) values, those these predictions allow) flags the prediction's mistakes, and for the `chosen`
+    one (eval.uncertainty) the selective accuracy; the DCG's 1 - max probability against the DCG's own
+    mistakes beside them."""
     metrics: dict[str, Any] = dict(calibration_metrics(labels, probs))
     metrics.update({f"dcg_{key}": value for key, value in calibration_metrics(labels, dcg_probs).items()})
-    if uncertainty is not None:
-        metrics["uncertainty_auroc"] = uncertainty_auroc(labels, probs, uncertainty)
-        metrics["selective_accuracy"] = selective_accuracy(labels, probs, uncertainty)
-        dcg_uncertainty = top_label_uncertainty(dcg_probs)
-        metrics["dcg_uncertainty_auroc"] = uncertainty_auroc(labels, dcg_probs, dcg_uncertainty)
-        metrics["dcg_selective_accuracy"] = selective_accuracy(labels, dcg_probs, dcg_uncertainty)
+    metrics["uncertainty_measure"] = chosen
+    if measures:
+        metrics["uncertainty_auroc_by_measure"] = {name: uncertainty_auroc(labels, probs, values)
+                                                   for name, values in measures.items()}
+    if chosen in measures:
+        metrics["uncertainty_auroc"] = metrics["uncertainty_auroc_by_measure"][chosen]
+        metrics["selective_accuracy"] = selective_accuracy(labels, probs, measures[chosen])
+    dcg_uncertainty = top_label_uncertainty(dcg_probs)
+    metrics["dcg_uncertainty_auroc"] = uncertainty_auroc(labels, dcg_probs, dcg_uncertainty)
+    metrics["dcg_selective_accuracy"] = selective_accuracy(labels, dcg_probs, dcg_uncertainty)
     return metrics

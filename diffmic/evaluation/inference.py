@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..config import EvalConfig
+from ..diffusion.uncertainty import ChainOutputs, available_measures, uncertainty
 
 
 @dataclass
@@ -22,7 +23,7 @@ class SplitPredictions:
     labels: np.ndarray  # (N,)
     probs: np.ndarray  # (N, C)
     dcg_probs: np.ndarray  # (N, C)
-    uncertainty: np.ndarray | None = None  # (N,), n_samples > 1
+    y0: np.ndarray | None = None  # (N, n_samples, C) every chain's final state; None without a diffusion
     spread: np.ndarray | None = None  # (N, C), n_samples > 1
     trajectory: list[tuple[int, np.ndarray]] = field(default_factory=list)  # [(t, (N, C) chain mean)]
 
@@ -34,13 +35,24 @@ class SplitPredictions:
     def dcg_predicted(self) -> np.ndarray:
         return self.dcg_probs.argmax(axis=1)
 
+    @property
+    def chain_outputs(self) -> ChainOutputs:
+        """What the uncertainty measures read (diffmic.diffusion.uncertainty)."""
+        return ChainOutputs(self.y0, self.probs, self.dcg_probs)
+
+    def uncertainty(self, measure: str) -> np.ndarray | None:
+        """(N,) the named uncertainty measure, or None where these predictions cannot give it (a chain measure
+        with one chain per image, or without a diffusion)."""
+        outputs = self.chain_outputs
+        return uncertainty(measure, outputs) if measure in available_measures(outputs) else None
+
     def reordered(self, keys: list[str]) -> "SplitPredictions":
         """The same predictions in the order of `keys` (the manifest's)."""
         where = {key: i for i, key in enumerate(self.keys)}
         index = np.array([where[key] for key in keys], dtype=np.int64)
         take = lambda a: None if a is None else a[index]  # noqa: E731
         return SplitPredictions(list(keys), self.labels[index], self.probs[index], self.dcg_probs[index],
-                                take(self.uncertainty), take(self.spread),
+                                take(self.y0), take(self.spread),
                                 [(t, states[index]) for t, states in self.trajectory])
 
 
@@ -59,8 +71,7 @@ def per_sample_noise(keys: list[str], seed: int, slots: int, n_samples: int, cla
 def predict_batches(model, batches, device, seed: int, sampling: EvalConfig, record_every: int = 0,
                     autocast=None, on_batch=None) -> SplitPredictions:
     """Runs `model.predict` over this process's batches (no collective inside)."""
-    parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "dcg_probs": [], "uncertainty": [],
-                              "spread": []}
+    parts: dict[str, list] = {"keys": [], "labels": [], "probs": [], "dcg_probs": [], "y0": [], "spread": []}
     trajectory: dict[int, list] = {}
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
@@ -74,8 +85,9 @@ def predict_batches(model, batches, device, seed: int, sampling: EvalConfig, rec
         parts["labels"].append(batch["label"].numpy())
         parts["probs"].append(prediction.probs.float().cpu().numpy())
         parts["dcg_probs"].append(prediction.dcg_probs.float().cpu().numpy())
-        if prediction.uncertainty is not None:
-            parts["uncertainty"].append(prediction.uncertainty.cpu().numpy())
+        if prediction.y0 is not None:
+            parts["y0"].append(prediction.y0.float().cpu().numpy())
+        if prediction.spread is not None:
             parts["spread"].append(prediction.spread.float().cpu().numpy())
         for t, states in prediction.trajectory or []:
             trajectory.setdefault(t, []).append(states.float().mean(dim=1).cpu().numpy())
@@ -90,7 +102,7 @@ def _assemble(parts: dict, trajectory: dict, classes: int) -> SplitPredictions:
 
     return SplitPredictions(
         parts["keys"], stack("labels", 0).astype(np.int64), stack("probs", classes), stack("dcg_probs", classes),
-        stack("uncertainty", 0) if parts["uncertainty"] else None,
+        np.concatenate(parts["y0"]) if parts["y0"] else None,
         stack("spread", classes) if parts["spread"] else None,
         sorted(((t, np.concatenate(states)) for t, states in trajectory.items()), key=lambda item: -item[0]))
 
@@ -109,7 +121,7 @@ def merge(parts: list[SplitPredictions]) -> SplitPredictions:
         raise ValueError("no process produced any prediction: the split is empty")
     times = [t for t, _ in filled[0].trajectory]
     trajectory = [(t, np.concatenate([dict(p.trajectory)[t] for p in filled])) for t in times]
-    return SplitPredictions(keys, join("labels"), join("probs"), join("dcg_probs"), join("uncertainty"),
+    return SplitPredictions(keys, join("labels"), join("probs"), join("dcg_probs"), join("y0"),
                             join("spread"), trajectory)
 
 

@@ -23,11 +23,12 @@ from ..accelerator import inference_precision, make_accelerator
 from ..config import EvalConfig
 from ..data import eval_loader, read_manifest
 from ..data.images import IMAGE_SUFFIXES
+from ..diffusion.uncertainty import MEASURES, available_measures, top_label_uncertainty
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
 from ..fileio import write_text_atomic
 from ..progress import ProgressBar
 from ..run import RunFolder
-from .calibration import selective_curve, top_label_uncertainty, trust_metrics
+from .calibration import fitted_temperature, selective_curve, trust_metrics
 from .inference import SplitPredictions, check_keys, gather_predictions, predict_batches
 from .metrics import metrics_table, split_metrics
 from .plots import plot_confusion_matrix, plot_reliability, plot_selective, plot_trajectory
@@ -138,46 +139,62 @@ def _report(predictions, classes, info, manifest, split, settings: EvalConfig, s
         "images_per_s": len(predictions.keys) / max(seconds, 1e-9), "checkpoint": str(info.path),
         "checkpoint_step": info.step, "manifest": str(manifest.path), "manifest_sha256": manifest.digest,
     })
-    metrics.update(trust_metrics(predictions.labels, predictions.probs, predictions.dcg_probs,
-                                 predictions.uncertainty))
+    measures = {name: predictions.uncertainty(name) for name in available_measures(predictions.chain_outputs)}
+    metrics.update(trust_metrics(predictions.labels, predictions.probs, predictions.dcg_probs, measures,
+                                 settings.uncertainty))
+    if predictions.y0 is not None:
+        metrics["fitted_temperature"] = fitted_temperature(predictions.y0.mean(axis=1), predictions.labels)
     return metrics
 
 
 def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, classes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "predictions.csv", predictions_csv(predictions, classes))
+    write_text_atomic(out / "predictions.csv", predictions_csv(predictions, classes, metrics["uncertainty_measure"]))
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
     if predictions.trajectory:
         plot_trajectory(predictions.trajectory, predictions.labels, classes, out / "trajectory.png")
-    write_trust_figures(out, predictions)
+    write_trust_figures(out, predictions, metrics["uncertainty_measure"])
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
 
 
-def write_trust_figures(out: Path, predictions: SplitPredictions) -> None:
-    """reliability.png (diffusion and DCG side by side) always; selective.png with several chains per image.
+def write_trust_figures(out: Path, predictions: SplitPredictions, measure: str) -> None:
+    """reliability.png (diffusion and DCG side by side) always; selective.png where the run's uncertainty
+    measure can be had, beside the DCG's 1 - max probability and, with several chains, their disagreement.
     The basic variant has no diffusion: its one model is drawn once."""
     labels, diffusion, dcg = predictions.labels, predictions.probs, predictions.dcg_probs
     same = np.array_equal(diffusion, dcg)
     plot_reliability(labels, {"classifier": dcg} if same else {"diffusion": diffusion, "DCG": dcg},
                      out / "reliability.png")
-    if predictions.uncertainty is not None:
-        curves = {"diffusion (chains' disagreement)": selective_curve(labels, diffusion, predictions.uncertainty),
-                  "DCG (1 - max probability)": selective_curve(labels, dcg, top_label_uncertainty(dcg))}
-        plot_selective(curves, out / "selective.png")
+    chosen = predictions.uncertainty(measure)
+    if chosen is None or same:
+        return
+    curves = {f"diffusion ({measure}, eval.uncertainty)": selective_curve(labels, diffusion, chosen)}
+    for other in ("disagreement", "dcg_max_prob"):
+        values = predictions.uncertainty(other)
+        if other != measure and values is not None:
+            curves[f"diffusion ({other})"] = selective_curve(labels, diffusion, values)
+    curves["DCG alone (1 - its max probability)"] = selective_curve(labels, dcg, top_label_uncertainty(dcg))
+    plot_selective(curves, out / "selective.png")
 
 
-def predictions_csv(predictions: SplitPredictions, classes: list[str]) -> str:
+def predictions_csv(predictions: SplitPredictions, classes: list[str], measure: str) -> str:
+    """One row per image; `uncertainty` is the run's measure (eval.uncertainty), where these predictions give it."""
+    uncertainty = predictions.uncertainty(measure)
     header = ["key", "label", "predicted", *[f"prob_{c}" for c in classes], "dcg_predicted"]
+    if uncertainty is not None:
+        header.append("uncertainty")
     if predictions.spread is not None:
-        header += ["uncertainty", *[f"spread_{c}" for c in classes]]
+        header += [f"spread_{c}" for c in classes]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for i, key in enumerate(predictions.keys):
         row = [key, classes[predictions.labels[i]], classes[predictions.predicted[i]],
                *[f"{p:.6f}" for p in predictions.probs[i]], classes[predictions.dcg_predicted[i]]]
+        if uncertainty is not None:
+            row.append(f"{uncertainty[i]:.6f}")
         if predictions.spread is not None:
-            row += [f"{predictions.uncertainty[i]:.6f}", *[f"{s:.6f}" for s in predictions.spread[i]]]
+            row += [f"{s:.6f}" for s in predictions.spread[i]]
         writer.writerow(row)
     return buffer.getvalue()
 
@@ -187,7 +204,7 @@ def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
 
     extra = [("sampler", f"{metrics['sampler']} x {metrics['steps']} steps, {metrics['n_samples']} chain(s)"),
-             ("images/s", f"{metrics['images_per_s']:.1f}")]
+             ("uncertainty measure", metrics["uncertainty_measure"]), ("images/s", f"{metrics['images_per_s']:.1f}")]
     Console().print(metrics_table(metrics, title, extra))
 
 
@@ -249,30 +266,32 @@ def predict_files(run_dir: str | Path, paths: list[Path], checkpoint: str = "bes
         batch = {"image": load_images(chunk, transform), "label": torch.zeros(len(chunk), dtype=torch.long),
                  "key": [str(path) for path in chunk]}
         result = predict_batches(model, [batch], device, config.train.seed, settings, autocast=autocast)
+        uncertainty = result.uncertainty(settings.uncertainty)
         for i, path in enumerate(chunk):
             row = {"file": str(path), "predicted": classes[result.predicted[i]],
                    **{f"prob_{c}": float(p) for c, p in zip(classes, result.probs[i])},
                    "dcg_predicted": classes[result.dcg_predicted[i]]}
-            # A share of chains, k / n_samples: rounded so float32's 1 - 0.7 = 0.30000001 is 0.3 again, and
-            # --flag-uncertain 0.3 does not flag 3 disagreeing chains out of 10.
-            row["uncertainty"] = round(float(result.uncertainty[i]), 6) if result.uncertainty is not None else None
+            # Rounded as the CSV writes it: a share of chains, k / n_samples, in float32 is 1 - 0.7 = 0.30000001,
+            # and --flag-uncertain 0.3 must not flag 3 disagreeing chains out of 10.
+            row["uncertainty"] = round(float(uncertainty[i]), 6) if uncertainty is not None else None
             rows.append(row)
     return rows, classes
 
 
 def check_flag_threshold(threshold: float, config, settings: EvalConfig) -> None:
-    """`diffmic predict --flag-uncertain T` needs an uncertainty to compare with T: several diffusion chains
-    per image. The uncertainty is the share of chains that disagree with the prediction, in [0, 1], so a T
-    outside [0, 1] (or NaN) means nothing and is refused, like a run without chains."""
-    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
-        raise EvalSettingsError(f"--flag-uncertain must be in 0..1 (the share of chains that disagree with the "
-                                f"prediction), not {threshold:g}")
-    if not config.uses_diffusion:
-        raise EvalSettingsError("--flag-uncertain needs the diffusion's chains, and this run is the "
-                                "'basic' variant (the DCG alone): it has no uncertainty to flag")
-    if settings.n_samples < 2:
-        raise EvalSettingsError(f"--flag-uncertain needs several chains per image to measure their disagreement; "
-                                f"this prediction draws {settings.n_samples}: add --n-samples 5 (or more)")
+    """`diffmic predict --flag-uncertain T` compares T with the run's uncertainty measure (eval.uncertainty):
+    a T below 0, above 1 for a measure that lies in [0, 1], or NaN means nothing and is refused, as is a chain
+    measure without several diffusion chains per image."""
+    measure = MEASURES[settings.uncertainty]
+    top = 1.0 if measure.within_one else float("inf")
+    if not 0.0 <= threshold <= top:  # also refuses NaN
+        allowed = "0..1" if measure.within_one else "0 or more"
+        raise EvalSettingsError(f"--flag-uncertain must be {allowed} for the uncertainty {settings.uncertainty!r} "
+                                f"({measure.description}), not {threshold:g}")
+    if measure.needs_chains and not config.uses_diffusion:
+        raise EvalSettingsError(f"--flag-uncertain with the uncertainty {settings.uncertainty!r} needs the "
+                                "diffusion's chains, and this run is the 'basic' variant (the DCG alone): use "
+                                "--uncertainty dcg_max_prob")
 
 
 def flag_uncertain_rows(rows: list[dict], threshold: float) -> None:

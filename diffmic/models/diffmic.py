@@ -16,7 +16,7 @@ from torch import nn
 from .. import hardware
 from ..config import Config, EvalConfig
 from ..diffusion import NoiseSchedule, antithetic_timesteps, mmd, sample
-from ..diffusion.probability import chain_disagreement, chain_probabilities
+from ..diffusion.probability import chain_probabilities
 from ..diffusion.sampler import reverse_step
 from ..errors import EvalSettingsError
 from .backbones import PlainClassifier
@@ -31,7 +31,6 @@ class Prediction:
     dcg_probs: torch.Tensor  # (B, C) the guidance model's own softmax
     dcg_label: torch.Tensor  # (B,)
     y0: torch.Tensor | None = None  # (B, n_samples, C) final state of every chain
-    uncertainty: torch.Tensor | None = None  # (B,) share of chains that disagree with `label` (n_samples > 1)
     spread: torch.Tensor | None = None  # (B, C) standard deviation of y0 across chains (n_samples > 1)
     trajectory: list | None = None  # [(timestep, (B, n_samples, C))], y_T first
 
@@ -214,11 +213,10 @@ class DiffMIC(nn.Module):
         else:
             y0, trajectory = self._sample_compiled(features, prior_rows, sampling, noise, generator, record_every)
         y0 = y0.view(batch, n_samples, self.num_classes)
-        probs = chain_probabilities(y0, sampling.rule)
+        probs = chain_probabilities(y0, sampling.rule, sampling.temperature)
         label = probs.argmax(dim=-1)
         prediction = Prediction(probs, label, dcg_probs, dcg_probs.argmax(dim=-1), y0)
         if n_samples > 1:
-            prediction.uncertainty = chain_disagreement(y0, label)
             prediction.spread = y0.std(dim=1)
         if record_every:
             prediction.trajectory = [(t, y.view(batch, n_samples, -1)) for t, y in trajectory]

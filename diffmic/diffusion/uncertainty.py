@@ -15,15 +15,19 @@ From the DCG's own probabilities (no chain needed):
 - dcg_entropy: the entropy of the DCG's softmax, over log C (0..1);
 - dcg_max_prob: 1 - the DCG's largest probability.
 
-Pure numpy (scipy for the t distribution), no torch.
+`eval.uncertainty` names the one a run reports and flags with (the config reads the names from here); an
+evaluation's metrics.json gives every available measure's AUROC beside it. Pure numpy (scipy for the t
+distribution), imported on first use: the config reads the names without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,14 @@ class ChainOutputs:
 
     def predicted_class_states(self) -> np.ndarray:
         """(N, n_samples): every chain's final state of the predicted class."""
+        import numpy as np
+
         return np.take_along_axis(self.y0, self.predicted[:, None, None], axis=2)[..., 0]
 
 
 def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     probs = np.clip(probs.astype(np.float64), 0.0, None)
     probs = probs / probs.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -52,6 +60,8 @@ def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def interval_width(outputs: ChainOutputs, coverage: float = 0.95) -> np.ndarray:
+    import numpy as np
+
     states = outputs.predicted_class_states()
     tail = (1.0 - coverage) / 2 * 100
     low, high = np.percentile(states, [tail, 100 - tail], axis=1)
@@ -61,6 +71,7 @@ def interval_width(outputs: ChainOutputs, coverage: float = 0.95) -> np.ndarray:
 def t_test(outputs: ChainOutputs) -> np.ndarray:
     """Two-sided p-value of the paired t-test of the top two classes' states across chains (n - 1 degrees of
     freedom). Chains that all agree exactly give 0 when the top class leads and 1 when the two tie."""
+    import numpy as np
     from scipy.stats import t as student_t
 
     y0 = outputs.y0.astype(np.float64)
@@ -92,31 +103,45 @@ def dcg_entropy(outputs: ChainOutputs) -> np.ndarray:
     return _normalised_entropy(outputs.dcg_probs)
 
 
+def top_label_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """1 - max probability: the uncertainty of a model that gives one probability vector."""
+    import numpy as np
+
+    return 1.0 - np.asarray(probs, dtype=np.float64).max(axis=1)
+
+
 def dcg_max_prob(outputs: ChainOutputs) -> np.ndarray:
-    return 1.0 - outputs.dcg_probs.astype(np.float64).max(axis=1)
+    return top_label_uncertainty(outputs.dcg_probs)
 
 
 @dataclass(frozen=True)
 class Measure:
     function: Callable[[ChainOutputs], np.ndarray]
     needs_chains: bool  # several chains per image
+    within_one: bool  # its values lie in [0, 1], so a threshold above 1 flags nothing
     description: str
 
 
+# Declared in the order the README's table compares them.
 MEASURES: dict[str, Measure] = {
-    "interval_width": Measure(interval_width, True, "width of the 95% interval of the predicted class's state "
-                                                    "across chains (CARD's PIW)"),
-    "t_test": Measure(t_test, True, "p-value of the paired t-test between the top two classes across chains"),
-    "disagreement": Measure(disagreement, True, "share of chains that disagree with the prediction"),
-    "spread": Measure(spread, True, "standard deviation of the predicted class's state across chains"),
-    "entropy": Measure(entropy, False, "entropy of the prediction's probabilities over log C"),
-    "dcg_entropy": Measure(dcg_entropy, False, "entropy of the DCG's probabilities over log C"),
-    "dcg_max_prob": Measure(dcg_max_prob, False, "1 - the DCG's largest probability"),
+    "interval_width": Measure(interval_width, True, False, "width of the 95% interval of the predicted class's "
+                                                           "state across chains (CARD's PIW)"),
+    "t_test": Measure(t_test, True, True, "p-value of the paired t-test between the top two classes across chains"),
+    "disagreement": Measure(disagreement, True, True, "share of chains that disagree with the prediction"),
+    "spread": Measure(spread, True, False, "standard deviation of the predicted class's state across chains"),
+    "entropy": Measure(entropy, False, True, "entropy of the prediction's probabilities over log C"),
+    "dcg_entropy": Measure(dcg_entropy, False, True, "entropy of the DCG's probabilities over log C"),
+    "dcg_max_prob": Measure(dcg_max_prob, False, True, "1 - the DCG's largest probability"),
 }
+
+
+UNCERTAINTY_MEASURES = tuple(MEASURES)
 
 
 def uncertainty(name: str, outputs: ChainOutputs) -> np.ndarray:
     """(N,) the named measure; ValueError for an unknown name or a chain measure without several chains."""
+    import numpy as np
+
     if name not in MEASURES:
         raise ValueError(f"unknown uncertainty measure {name!r}; expected one of {', '.join(MEASURES)}")
     measure = MEASURES[name]
