@@ -40,6 +40,7 @@ SETTINGS = (("respaced 20 x1", "respaced", 20, 1, True),
             ("ddim 10 x1", "ddim", 10, 1, True),
             ("ddim 100 x1", "ddim", 100, 1, True),
             ("respaced 20 x5", "respaced", 20, 5, True),
+            ("respaced 5 x20", "respaced", 5, 20, True),  # with 100 x1 and 20 x5: one cost, steps x chains = 100
             ("respaced 20 x20", "respaced", 20, 20, True),
             ("respaced 100 x20", "respaced", 100, 20, True),
             ("respaced 20 x1 no EMA", "respaced", 20, 1, False),
@@ -145,6 +146,7 @@ def analyse(run_dir: Path, checkpoint: str) -> dict:
         rules = {rule: chain_probabilities(states, rule).numpy() for rule in PROBABILITY_RULES}
         result["settings"][label] = {rule: figures(labels, probs, classes) for rule, probs in rules.items()}
         result["settings"][label]["seconds"] = time.perf_counter() - started
+        result["settings"][label]["ms_per_image"] = 1000 * result["settings"][label]["seconds"] / len(keys)
         if label.startswith("own"):
             result["dcg"] = figures(labels, dcg_probs, classes)
             result["flips"] = class_flips(labels, rules[config.eval.probability], dcg_probs, classes)
@@ -177,13 +179,14 @@ def report(results: list[dict]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
     columns = [(rule, metric) for metric in ("macro_f1", "auroc") for rule in PROBABILITY_RULES]
     lines += ["", "Macro F1 and AUROC by sampling setting and probability rule", "",
-              "| setting | " + " | ".join(f"{m} {r}" for r, m in columns) + " | s/run |",
-              "|---|" + "---|" * (len(columns) + 1)]
-    lines.append("| DCG alone | " + " | ".join(mean([r["dcg"][m] for r in results]) for _, m in columns) + " | |")
+              "| setting | " + " | ".join(f"{m} {r}" for r, m in columns) + " | s/run | ms/image |",
+              "|---|" + "---|" * (len(columns) + 2)]
+    lines.append("| DCG alone | " + " | ".join(mean([r["dcg"][m] for r in results]) for _, m in columns) + " | | |")
     for label in results[0]["settings"]:
         cells = [mean([r["settings"][label][rule][metric] for r in results]) for rule, metric in columns]
         seconds = statistics.mean(r["settings"][label]["seconds"] for r in results)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        per_image = statistics.mean(r["settings"][label].get("ms_per_image", float("nan")) for r in results)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.0f} | {per_image:.2f} |")
     lines += ["", "Rare-class F1 (vasc / df) by setting, positive_part rule", "",
               "| setting | " + " | ".join(f"f1_{n}" for n in RAREST) + " |", "|---|" + "---|" * len(RAREST),
               "| DCG alone | " + " | ".join(mean([r["dcg"].get(f"f1_{n}") for r in results]) for n in RAREST) + " |"]

@@ -27,7 +27,12 @@ import torch
 
 from diffmic.diffusion.probability import chain_probabilities
 from diffmic.diffusion.uncertainty import MEASURES, ChainOutputs, uncertainty
-from diffmic.evaluation.calibration import calibration_metrics, selective_accuracy, uncertainty_auroc
+from diffmic.evaluation.calibration import (
+    calibration_metrics,
+    fitted_temperature,
+    selective_accuracy,
+    uncertainty_auroc,
+)
 
 CHAIN_COUNTS = (5, 20)
 COVERAGES = (0.9, 0.8, 0.7)
@@ -41,29 +46,14 @@ def combinations(outputs: ChainOutputs) -> dict[str, np.ndarray]:
             "1 - max of mean(diffusion, DCG)": 1.0 - mean_probs.max(axis=1)}
 
 
-def tempered_softmax(state: np.ndarray, temperature: float) -> np.ndarray:
-    logits = state / temperature
-    logits = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def fit_temperature(state: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the NLL of softmax(state / T), on a log grid."""
-    grid = np.exp(np.linspace(np.log(0.01), np.log(10.0), 200))
-    nll = [-np.mean(np.log(np.clip(tempered_softmax(state, t)[np.arange(len(labels)), labels], 1e-12, None)))
-           for t in grid]
-    return float(grid[int(np.argmin(nll))])
-
-
 def cross_fitted_softmax(state: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[float]]:
     """Each half of the images scored with the temperature fitted on the other half."""
     halves = (np.arange(len(labels)) % 2 == 0, np.arange(len(labels)) % 2 == 1)
     probs = np.zeros_like(state)
     temperatures = []
     for fit, score in (halves, halves[::-1]):
-        temperature = fit_temperature(state[fit], labels[fit])
-        probs[score] = tempered_softmax(state[score], temperature)
+        temperature = fitted_temperature(state[fit], labels[fit])
+        probs[score] = chain_probabilities(torch.from_numpy(state[score][:, None]), "softmax", temperature).numpy()
         temperatures.append(temperature)
     return probs, temperatures
 

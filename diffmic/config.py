@@ -344,7 +344,7 @@ class EvalConfig(Section):
     # How uncertain a prediction is (diffmic.diffusion.uncertainty): predictions.csv's uncertainty column,
     # uncertainty_auroc, selective.png and `predict --flag-uncertain` use it. The default is the one that best
     # told wrong predictions from right ones in the README's comparison.
-    uncertainty: Literal[UNCERTAINTY_MEASURES] = flag("dcg_max_prob", "--uncertainty",
+    uncertainty: Literal[UNCERTAINTY_MEASURES] = flag("dcg_entropy", "--uncertainty",
                                                       f"How uncertain a prediction is: {', '.join(MEASURES)}.")
     batch_size: int = 64
     use_ema: bool = flag(True, "--ema/--no-ema", "Use the EMA weights of the denoiser or the raw ones.")
@@ -370,7 +370,7 @@ class EvalConfig(Section):
                  f"is {self.rule}); set eval.probability=softmax too")
         _require(not MEASURES[self.uncertainty].needs_chains or self.n_samples > 1, "uncertainty",
                  f"{self.uncertainty!r} is measured across chains, and n_samples is {self.n_samples}; set "
-                 f"eval.n_samples=5 (or more) or a measure of the DCG (dcg_max_prob)")
+                 f"eval.n_samples=5 (or more) or a measure of the DCG (dcg_entropy)")
 
     @property
     def rule(self) -> str:

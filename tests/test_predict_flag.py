@@ -5,6 +5,7 @@ give that uncertainty is one message."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -82,21 +83,22 @@ def test_predict_without_the_flag_writes_no_check_column(tiny_run, images, tmp_p
 
 
 def test_the_default_measure_is_the_dcgs_and_needs_one_chain(tiny_run, images, tmp_path):
-    """eval.uncertainty's default, 1 - the DCG's top probability, flags with a single chain per image."""
+    """eval.uncertainty's default, the entropy of the DCG's probabilities over log C, flags with a single chain
+    per image."""
     out = tmp_path / "dcg.csv"
     result = diffmic_here(["predict", "--run", str(tiny_run), "--checkpoint", "last", "--n-samples", "1",
                            "--precision", "fp32", "--flag-uncertain", "0.2", "--out", str(out), str(images)])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(out)
-    # The DCG's own softmax of the same images, computed here (in fp32, as the command was told to): each row's uncertainty is 1 - its top probability.
+    # The DCG's own softmax of the same images, computed here (in fp32, as the command was told to): each row's uncertainty is their entropy / log C.
     info, model, _ = load_checkpoint_model(tiny_run, "last", None, torch.device("cpu"))
     files = [Path(row["file"]) for row in rows]
     with torch.no_grad():
         dcg_probs = model.guidance(load_images(files, eval_transform(info.config.data))).fused.softmax(dim=-1)
-    expected = 1 - dcg_probs.max(dim=1).values
+    expected = -(dcg_probs * dcg_probs.log()).sum(dim=1) / math.log(dcg_probs.shape[1])
     assert [float(row["uncertainty"]) for row in rows] == pytest.approx(expected.tolist(), abs=1e-5)
     assert [row["check"] for row in rows] == ["yes" if u > 0.2 else "no" for u in expected.tolist()]
-    assert "(dcg_max_prob)" in " ".join(result.stdout.split())
+    assert "(dcg_entropy)" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("problem", ["negative", "above one", "one chain"])

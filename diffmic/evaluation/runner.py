@@ -291,7 +291,7 @@ def check_flag_threshold(threshold: float, config, settings: EvalConfig) -> None
     if measure.needs_chains and not config.uses_diffusion:
         raise EvalSettingsError(f"--flag-uncertain with the uncertainty {settings.uncertainty!r} needs the "
                                 "diffusion's chains, and this run is the 'basic' variant (the DCG alone): use "
-                                "--uncertainty dcg_max_prob")
+                                "--uncertainty dcg_entropy")
 
 
 def flag_uncertain_rows(rows: list[dict], threshold: float) -> None:
