@@ -29,8 +29,9 @@ DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_RUN ?= runs/demo-$(DEMO_STAMP)
 DEMO_SHARDS ?= shards/digits
 DEMO_SET ?=
+DEMO_SHARD_SET ?=
 demo: install
-	$(PY) -m diffmic shard --dataset digits --out $(DEMO_SHARDS) --overwrite
+	$(PY) -m diffmic shard --dataset digits --out $(DEMO_SHARDS) --overwrite $(DEMO_SHARD_SET)
 	$(PY) -m diffmic train --config configs/digits.yaml --shards $(DEMO_SHARDS) --run-dir $(DEMO_RUN) $(DEMO_SET)
 	$(PY) -m diffmic eval --run $(DEMO_RUN) --out $(DEMO_RUN)/eval/test --gpus 0 --tasks-per-node 2
 	@echo "metrics: $(DEMO_RUN)/eval/test/metrics.json"

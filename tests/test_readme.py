@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -143,23 +142,7 @@ def as_argv(command: str) -> list[str]:
     return argv
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Background, Path]:
-    """`make demo` as the quickstart runs it, with its run and shards in a scratch folder and a 2-step
-    training (DEMO_SET); install is taken as done, since the suite runs inside that environment. Started
-    first so that it overlaps with the README commands."""
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    folder = tmp_path_factory.mktemp("demo")
-    overrides = " ".join(f"--set {override}" for override in ["train.epochs=1", "train.dcg_warmup_epochs=0",
-                                                             "train.max_steps=2", "train.val_every=1",
-                                                             "eval.n_samples=1", "eval.steps=5"])
-    argv = ["make", "-o", "install", "demo", f"VENV={Path(sys.executable).parent.parent}",
-            f"DEMO_RUN={folder / 'run'}", f"DEMO_SHARDS={folder / 'shards'}", f"DEMO_SET={overrides}"]
-    return Background("make demo", argv, REPO, folder / "logs"), folder
-
-
-def test_every_readme_command_runs_as_written(project, demo):
+def test_every_readme_command_runs_as_written(project):
     text = README.read_text()
     skipped = not_run_table(text)
     ran, background = [], []
@@ -184,12 +167,3 @@ def test_every_readme_command_runs_as_written(project, demo):
     assert len(outputs) >= 2, "the eval commands wrote no metrics.json"
     assert len(list((project / "runs").glob("ham10000-*/checkpoints/step-*/COMPLETE"))) >= 2
     assert len(ran) >= 15
-
-
-def test_make_demo_runs_its_three_steps(demo):
-    job, folder = demo
-    result = job.result()
-    check(result, "make demo")
-    metrics = folder / "run" / "eval" / "test" / "metrics.json"
-    assert metrics.is_file() and f"metrics: {metrics}" in result.stdout
-    assert "confusion_matrix.png" in result.stdout and (metrics.parent / "trajectory.png").is_file()
