@@ -12,6 +12,7 @@ from ..config import ConfigError
 from ..errors import (CheckpointError, DiskFullError, EvalSettingsError, LaunchError, NonFiniteLossError,
                       PretrainedWeightsError, RunLockError, SlurmError, UnreadableImageError)
 from ..data.manifest import ManifestError
+from ..data.storage import StorageError
 from ..data.sources import ShardError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -29,7 +30,7 @@ class UserError(Exception):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ConfigError, FileNotFoundError, ShardError,
                                                  ManifestError, PretrainedWeightsError, CheckpointError,
                                                  EvalSettingsError, UnreadableImageError, SlurmError, LaunchError,
-                                                 NonFiniteLossError, RunLockError, DiskFullError)
+                                                 NonFiniteLossError, RunLockError, DiskFullError, StorageError)
 
 
 def config_file(config: Path | str | None, dataset: str | None) -> Path:

@@ -53,7 +53,8 @@ def eval_command(
     compile: bool = COMPILE_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: RUN/eval/<split>-<checkpoint>-"
                                                        "<sampler><steps>/."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder, or its URL. Default: the one the run trained "
+                                                      "on."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     *,
     launch: Launch,  # the Slurm panel's options, added by with_launch_options
@@ -66,6 +67,7 @@ def eval_command(
       diffmic eval --run runs/ham-1 --sampler truncated --steps 250 --no-ema   (the authors' protocol)
       diffmic eval --run runs/ham-1 --slurm --gpus 4
     """
+    from ..data import absolute_location
     from ..evaluation.runner import evaluate_run, print_result
 
     # A wrong run, checkpoint or sampling setting fails here, before any image is read or a job is queued.
@@ -73,7 +75,7 @@ def eval_command(
     if launch.elsewhere:
         absolute = lambda path: str(Path(path).resolve()) if path else None  # noqa: E731
         arguments = {"run_dir": absolute(run), "checkpoint": checkpoint, "split": split, "settings": settings,
-                     "out_dir": absolute(out), "shards": absolute(shards)}
+                     "out_dir": absolute(out), "shards": absolute_location(shards)}
         launch.start("eval", arguments, Path(run).resolve(), progress)
         return
 

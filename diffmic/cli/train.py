@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from ..data.storage import basename
 from .common import SET_OPTION, UserError, app, config_file, console
 from .launch import Launch, with_launch_options
 
@@ -19,13 +20,13 @@ def shard_folders(root: Path = SHARDS_ROOT) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
 
 
-def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None) -> tuple[Path, Path | None]:
+def resolve_inputs(config: Path | None, dataset: str | None, shards: str | None) -> tuple[Path, Path | str | None]:
     """(config file, shard folder or None for the config's own) from the short forms:
     --dataset NAME means configs/NAME.yaml (here, else packaged) and shards/NAME; with neither flag, the
     only shard folder."""
     if config is None and dataset is None:
         if shards is not None:
-            dataset = shards.name
+            dataset = basename(shards)
         else:
             found = shard_folders()
             if len(found) != 1:
@@ -47,8 +48,8 @@ def train_command(
                                                             "configs/<dataset>.yaml."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml (here, else packaged) "
                                                               "and shards/NAME."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: data.shards of the config, "
-                                                       "else shards/<data.dataset>."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder, or its URL (s3://bucket/prefix). Default: "
+                                                      "data.shards of the config, else shards/<data.dataset>."),
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run folder; an existing one is resumed from its "
                                                                "latest checkpoint. Default: runs/<dataset>-<time>."),
     overrides: list[str] = SET_OPTION,
@@ -69,13 +70,13 @@ def train_command(
     """
     from ..checkpoint import complete_checkpoints
     from ..config import load_config
-    from ..data import read_manifest, shard_dir_for
+    from ..data import absolute_location, as_location, read_manifest, shard_dir_for
     from ..engine import train
     from ..models.pretrained import fetch_all
 
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
-    shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
+    shard_dir = as_location(shard_dir or shard_dir_for(cfg.data))
     allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
     facts = {"config_file": str(config_path.resolve())}
     if launch.elsewhere:
@@ -85,7 +86,7 @@ def train_command(
             for request in fetch_all(cfg):  # missing starting weights fail here too: job nodes read this cache
                 console.print(request.describe(), highlight=False, soft_wrap=True)
         target = (run_dir or Path("runs") / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-        arguments = {"config": cfg.to_dict(), "shards": str(shard_dir.resolve()),
+        arguments = {"config": cfg.to_dict(), "shards": absolute_location(shard_dir),
                      "allow_changes": allowed, "facts": facts}
         launch.start("train", arguments, target, progress)
         return

@@ -1,4 +1,5 @@
-"""WebDataset tar shards, written byte-for-byte reproducibly and read as a stream.
+"""WebDataset tar shards, written byte-for-byte reproducibly and read as a stream (`read_shard`, from a local
+folder or a URL).
 
 The format is WebDataset's (members `<key>.<ext>` grouped by key, `cls` as ASCII digits), so any
 WebDataset reader opens these shards. We write the tars with `tarfile` ourselves: fixed mtime, owner and
@@ -8,7 +9,6 @@ in processes that only need bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import tarfile
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .manifest import ShardEntry
+from .manifest import CorruptShardError, ShardEntry, verify_hint
+from .storage import Fetching, ShardFile, StorageError, fetch_shard, file_sha256, is_url, parent
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
@@ -26,14 +27,6 @@ def safe_key(text: str) -> str:
     """A sample key WebDataset splits correctly: it cuts the extension at the first dot of a member
     name, and a slash would make a folder, so both (and anything unusual) become underscores."""
     return _UNSAFE_KEY_CHARS.sub("_", text.replace("/", "__").replace("\\", "__"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SplitShardWriter:
@@ -133,26 +126,61 @@ def iter_tar_files(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_shard_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
-    """Yields each sample as {'__key__': key, extension: bytes, ...}. Raises ValueError naming the
-    shard when it is not a readable tar of consecutive <key>.<ext> members."""
+    """The samples of a local shard file (see `iter_samples`)."""
+    try:
+        with open(path, "rb", buffering=1 << 20) as handle:
+            yield from iter_samples(handle, str(path))
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+
+
+def iter_samples(handle: BinaryIO, name: str) -> Iterator[dict[str, bytes | str]]:
+    """Yields each sample of a tar stream as {'__key__': key, extension: bytes, ...}. Raises ValueError naming
+    the shard (`name`) when it is not a readable tar of consecutive <key>.<ext> members."""
     sample: dict = {}
     seen: set[str] = set()
     try:
-        with open(path, "rb", buffering=1 << 20) as handle:
-            for name, content in iter_tar_files(handle):
-                key, extension = split_member_name(name)
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    if key in seen:
-                        raise ValueError(f"key {key!r} appears twice")
-                    seen.add(key)
-                    sample = {"__key__": key}
-                sample[extension] = content
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+        for member, content in iter_tar_files(handle):
+            key, extension = split_member_name(member)
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            if not sample:
+                if key in seen:
+                    raise ValueError(f"key {key!r} appears twice")
+                seen.add(key)
+                sample = {"__key__": key}
+            sample[extension] = content
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name} is not a readable tar shard ({error})") from None
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{name}: {error}") from None
     if sample:
         yield sample
+
+
+def open_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> BinaryIO:
+    """The one way the streams open a shard, checked against its manifest entry: a local file (hashed before the
+    streams start, `verify.check_shard_files`), or a remote object hashed as it streams in (storage.py)."""
+    if is_url(shard.location):
+        return fetch_shard(shard, fetching)
+    return open(shard.location, "rb", buffering=1 << 20)
+
+
+def read_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> Iterator[dict]:
+    """The samples of one shard for the training and eval streams. A shard that is missing, differs from the
+    manifest or does not read as a tar (truncated, damaged header) is a CorruptShardError of one line; a storage
+    that cannot be reached is a StorageError of one line."""
+    hint = verify_hint(parent(shard.location))
+    try:
+        with open_shard(shard, fetching) as handle:
+            yield from iter_samples(handle, shard.location)
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise CorruptShardError(f"{shard.location}: missing; {hint}") from None
+    except OSError as error:
+        raise CorruptShardError(f"{shard.location} is not a readable tar shard ({error}); {hint}") from None
+    except ValueError as error:  # ChecksumMismatch, or a damaged tar (its message names the shard)
+        said = str(error) if str(error).startswith(shard.location) else f"{shard.location}: {error}"
+        raise CorruptShardError(f"{said}; {hint}") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..checkpoint import (CheckpointManager, CheckpointPolicy, Start, best_record, choose_start, complete_checkpoints,
                           load_for_fine_tuning, remove_partials, without_pretrained)
 from ..config import Config, ConfigError
-from ..data import read_manifest, steps_per_epoch, train_loader
+from ..data import as_location, read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
 from ..errors import NonFiniteLossError, PretrainedWeightsError
 from ..models import build_model
@@ -112,7 +112,7 @@ class Trainer:
     def __init__(self, config: Config, shard_dir: str | Path, run_dir: str | Path | None, progress: bool = True,
                  resume: bool = True, allow_changes: Iterable[str] = (), facts: dict | None = None):
         self.config, self.train_cfg = config, config.train
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = as_location(shard_dir)  # a URL stays a string
         self.manifest = read_manifest(self.shard_dir)
         check_shards(self.manifest, config.data)
         self.accelerator = acc = training_accelerator(self.train_cfg)
