@@ -30,9 +30,9 @@ def import_reference_command(
                                                             "configs/reference/ham10000.yaml."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create; it must not exist yet."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder the run evaluates on by default (its class "
-                                                       "names are recorded). Default: data.shards of the config, "
-                                                       "else shards/<data.dataset>, when it exists."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder (or its URL) the run evaluates on by default "
+                                                      "(its class names are recorded). Default: data.shards of the "
+                                                      "config, else shards/<data.dataset>, when it exists."),
     classes: str = typer.Option(None, "--classes", help="Class names in the authors' label order, comma-separated, "
                                                         "when no shard folder is at hand. Default: the dataset's."),
     overrides: list[str] = SET_OPTION,
@@ -65,10 +65,10 @@ def import_reference_command(
 
 
 # --- inputs -------------------------------------------------------------------------------------------
-def class_list(cfg, shards: Path | None, classes: str | None) -> tuple[list[str], dict]:
+def class_list(cfg, shards: str | None, classes: str | None) -> tuple[list[str], dict]:
     """(class names, data provenance). A shard folder gives both its names and its manifest hash, so that
     `diffmic eval` finds the shards without --shards; else --classes, else the dataset's known names."""
-    from ..data import read_manifest, shard_dir_for
+    from ..data import absolute_location, as_location, is_url, read_manifest, shard_dir_for
     from ..data.loaders import check_compatible
 
     if classes is not None:
@@ -77,11 +77,12 @@ def class_list(cfg, shards: Path | None, classes: str | None) -> tuple[list[str]
             raise UserError(f"--classes lists {len(names)} distinct name(s) but data.num_classes is "
                             f"{cfg.data.num_classes}")
         return names, {}
-    folder = Path(shards) if shards is not None else Path(shard_dir_for(cfg.data))
-    if shards is not None or (folder / "manifest.json").is_file():
+    folder = as_location(shards if shards is not None else shard_dir_for(cfg.data))
+    # The config's own local folder counts only when it holds shards; a URL is read (and must be there).
+    if shards is not None or is_url(folder) or (folder / "manifest.json").is_file():
         manifest = read_manifest(folder)
         check_compatible(manifest, cfg.data)
-        return list(manifest.classes), {"shards": str(folder.resolve()), "manifest_sha256": manifest.digest}
+        return list(manifest.classes), {"shards": absolute_location(folder), "manifest_sha256": manifest.digest}
     return known_classes(cfg), {}
 
 

@@ -260,13 +260,13 @@ def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch:
     """The training stream of the train split (less fold `data.fold` when cross-validating) for one epoch
     of one rank (see the module docstring)."""
     _check_rank(rank, world_size)
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, data.fetch_retries)  # mid-run: a lost connection is tried again
     check_compatible(manifest, data)
     selection = manifest.selection("train", data.fold)
     steps = steps_per_epoch(manifest, batch_size, world_size, data.fold)
     if not 0 <= start_batch <= steps:
         raise ValueError(f"start_batch {start_batch} is not in 0..{steps} (steps per epoch)")
-    check_shard_files(manifest, selection.shards)  # every rank draws from every train shard
+    check_shard_files(manifest, selection.shards, Fetching.of(data))  # every rank draws from every train shard
     workers = usable_workers(data.num_workers if num_workers is None else num_workers)
     plan = TrainPlan(shards=tuple(manifest.shard_file(entry) for entry in selection.shards),
                      counts=tuple(selection.counts), image_format=manifest.image_format,
@@ -349,12 +349,12 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, data.fetch_retries)  # mid-run: a lost connection is tried again
     check_compatible(manifest, data)
     # Every rank checks the whole split, so that a damaged shard stops all ranks alike instead of leaving
     # the others waiting for the one that stopped.
     selection = manifest.selection(split, data.fold)
-    check_shard_files(manifest, selection.shards)
+    check_shard_files(manifest, selection.shards, Fetching.of(data))
     # Shards without a selected sample are left out before they are shared between ranks.
     filled = [(entry, count) for entry, count in zip(selection.shards, selection.counts) if count]
     entries, counts = [entry for entry, _ in filled[rank::world_size]], [count for _, count in filled[rank::world_size]]

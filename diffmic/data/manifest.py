@@ -147,13 +147,14 @@ def verify_hint(folder: Path | str) -> str:
             f"`diffmic shard ... --out {folder} --overwrite`")
 
 
-def read_manifest(shard_dir: str | Path) -> Manifest:
-    """Reads and checks `shard_dir/manifest.json` (or the manifest file itself), in a local folder or at a URL."""
+def read_manifest(shard_dir: str | Path, retries: int = 0) -> Manifest:
+    """Reads and checks `shard_dir/manifest.json` (or the manifest file itself), in a local folder or at a URL.
+    `retries`: how often a remote read that lost its connection is tried again (the streams, mid-run)."""
     path = storage.as_location(shard_dir)
     if storage.basename(path) != MANIFEST_NAME:
         path = storage.join(path, MANIFEST_NAME)
     folder = storage.parent(path)
-    raw = _remote_manifest_bytes(path) if storage.is_url(path) else _local_manifest_bytes(path)
+    raw = _remote_manifest_bytes(path, retries) if storage.is_url(path) else _local_manifest_bytes(path)
     try:
         values = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -180,10 +181,10 @@ def _local_manifest_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _remote_manifest_bytes(url: str) -> bytes:
+def _remote_manifest_bytes(url: str, retries: int) -> bytes:
     """The manifest's bytes; a missing one is told apart from a missing folder and a missing bucket."""
     try:
-        return storage.read_bytes(url)
+        return storage.read_bytes(url, retries)
     except FileNotFoundError:
         pass
     folder = storage.parent(url)

@@ -160,70 +160,74 @@ def describe_failure(url: str, error: BaseException) -> str:
 
 
 @contextmanager
-def storage_errors(url: str):
+def storage_errors(url: str, keep: tuple[type[BaseException], ...] = ()):
     """Any failure of the storage library inside becomes a StorageError of one line; a missing object stays a
-    FileNotFoundError for the caller to explain."""
+    FileNotFoundError for the caller to explain, and the errors in `keep` pass as they are."""
     try:
         yield
-    except (FileNotFoundError, StorageError, ChecksumMismatch):
+    except (FileNotFoundError, StorageError, ChecksumMismatch, *keep):
         raise
     except Exception as error:  # noqa: BLE001 - every library failure is this URL's problem, said in one line
         raise StorageError(describe_failure(url, error)) from None
 
 
-def with_retries(url: str, action: Callable[[], object], retries: int, what: str = "fetch"):
-    """`action()`, tried again after a lost connection (waits 1, 2, 4, ... s). Other failures are not retried:
-    a wrong credential or a missing object does not heal by waiting."""
+def with_retries(url: str, action: Callable[[], object], retries: int = 0):
+    """`action()` (a call of the storage library), tried again after a lost connection, waiting 1, 2, 4, ... s.
+    Other failures are not retried: a wrong credential or a missing object does not heal by waiting. With no
+    retries (a command starting) a lost connection is said as a wrong endpoint would be."""
     transient = _transient_errors()
     waited = 0.0
     for attempt in range(retries + 1):
         try:
-            return action()
+            with storage_errors(url, keep=transient):
+                return action()
         except transient as error:
             if attempt == retries:
-                raise StorageError(f"{url}: the storage did not answer the {what} after {attempt + 1} tries over "
-                                   f"{waited:.0f} s ({describe_failure(url, error).split(': ', 1)[1]}). Nothing after "
-                                   f"the last checkpoint is lost: run the same command again once the storage is "
-                                   f"back, and it resumes from there") from None
+                raise StorageError(_gave_up(url, error, attempt + 1, waited)) from None
             pause = min(2.0 ** attempt, MAX_WAIT_S)
-            warnings.warn(f"{url}: {type(error).__name__}; trying again in {pause:.0f} s "
-                          f"({attempt + 1} of {retries})", stacklevel=2)
+            warnings.warn(f"{url}: {type(error).__name__}; trying again in {pause:.0f} s ({attempt + 1} of {retries})",
+                          stacklevel=2)
             time.sleep(pause)
             waited += pause
     raise AssertionError("unreachable")
 
 
-# --- whole small files (the manifest) ---------------------------------------------------------------
-def read_bytes(location: str | Path) -> bytes:
+def _gave_up(url: str, error: BaseException, tries: int, waited: float) -> str:
+    said = describe_failure(url, error)
+    if tries == 1:
+        return said
+    return (f"{url}: the storage did not answer after {tries} tries over {waited:.0f} s "
+            f"({said.split(': ', 1)[1]}). Nothing after the last checkpoint is lost: run the same command again "
+            f"once the storage is back, and it resumes from there")
+
+
+# --- whole small files (the manifest), listings, uploads --------------------------------------------
+def read_bytes(location: str | Path, retries: int = 0) -> bytes:
     """The bytes of a local file or of a remote object; FileNotFoundError when it is not there."""
     if not is_url(location):
         return Path(location).read_bytes()
     fs, path = filesystem(location)
-    with storage_errors(location):
-        return fs.cat_file(path)
+    return with_retries(location, lambda: fs.cat_file(path), retries)
 
 
 def upload_file(path: Path, url: str) -> None:
     """One local file to one object (an object appears whole when its upload completes)."""
     fs, remote = filesystem(url)
-    with storage_errors(url):
-        fs.put_file(str(path), remote)
+    with_retries(url, lambda: fs.put_file(str(path), remote))
 
 
 def remove(url: str) -> None:
     fs, remote = filesystem(url)
-    with storage_errors(url):
-        fs.rm_file(remote)
+    with_retries(url, lambda: fs.rm_file(remote))
 
 
-def list_sizes(folder: str) -> dict[str, int]:
+def list_sizes(folder: str, retries: int = 0) -> dict[str, int]:
     """{name: bytes} of the objects directly in a remote folder (one listing request); {} when there is none."""
     fs, path = filesystem(folder)
-    with storage_errors(folder):
-        try:
-            entries = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return {}
+    try:
+        entries = with_retries(folder, lambda: fs.ls(path, detail=True, refresh=True), retries)
+    except FileNotFoundError:
+        return {}
     return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
             for entry in entries if entry.get("type") != "directory"}
 
@@ -239,8 +243,7 @@ def bucket_missing(url: str) -> bool:
     if not bucket:
         return False
     fs, _ = filesystem(url)
-    with storage_errors(url):
-        return not fs.exists(bucket)
+    return not with_retries(url, lambda: fs.exists(bucket))
 
 
 # --- local copies: shard folders on disk and the cache ---------------------------------------------
@@ -282,8 +285,14 @@ def local_copy_matches(path: Path, shard: ShardFile) -> list[str]:
         return []
     problems = file_problems(path, shard, stat)
     if not problems:
-        _MATCHED[path] = (seen, shard.sha256)
+        remember(path, shard)
     return problems
+
+
+def remember(path: Path, shard: ShardFile) -> None:
+    """Records that the file at `path`, as it is now, holds `shard`'s bytes."""
+    stat = path.stat()
+    _MATCHED[path] = ((stat.st_size, stat.st_mtime_ns, stat.st_ino), shard.sha256)
 
 
 # --- opening and reading one shard ------------------------------------------------------------------
@@ -310,8 +319,7 @@ def _fetch_into(shard: ShardFile, make_sink: Callable[[], BinaryIO], fetching: F
     def attempt() -> BinaryIO:
         sink = make_sink()
         try:
-            with storage_errors(shard.location):
-                _stream_checked(shard, sink)
+            _stream_checked(shard, sink)
             return sink
         except BaseException:
             sink.close()
@@ -342,7 +350,7 @@ def cached_copy(shard: ShardFile, cache_dir: str, fetching: Fetching) -> Path:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    local_copy_matches(path, shard)  # remembers the fresh copy's stat: the next use costs a stat
+    remember(path, shard)  # checked as it arrived: the next use costs a stat
     return path
 
 
