@@ -79,10 +79,13 @@ cmd_up() {
     local weed
     weed=$(weed_binary)
     # The gateway's Iceberg and Lance servers are not needed: port 0 keeps them off (and off each other's ports).
-    setsid "$weed" server -dir="$STATE/data" -ip=127.0.0.1 -ip.bind=0.0.0.0 \
+    # weed also takes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment as an identity: a client's
+    # variables (another store's) must not reach it, or they replace this store's key.
+    env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE -u AWS_ENDPOINT_URL \
+        setsid "$weed" server -dir="$STATE/data" -ip=127.0.0.1 -ip.bind=0.0.0.0 \
         -master.port=$((BASE + 1)) -volume.port=$((BASE + 2)) -filer.port=$((BASE + 3)) \
         -s3 -s3.port="$BASE" -s3.config="$STATE/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
-        -volume.max=8 -master.volumeSizeLimitMB=256 </dev/null >>"$LOG" 2>&1 &
+        -volume.max=100 -master.volumeSizeLimitMB=64 </dev/null >>"$LOG" 2>&1 &
     echo $! >"$PIDFILE"
     local deadline=$((SECONDS + UP_TIMEOUT))
     until answers; do

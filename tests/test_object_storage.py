@@ -183,7 +183,7 @@ def test_a_missing_or_changed_object_stops_training_with_one_line_naming_it(buck
         data[len(data) // 2] ^= 0xFF
         client.pipe_file(f"{changed}/{entry.file}", bytes(data))
     verified = diffmic(["verify", changed], check=False, **store_env)  # names every changed object, fetching each once
-    assert one_error_line(verified).startswith(f"error: {len(train_shards)} problem(s) in {changed}")
+    assert f"problem(s) in {changed}:" in one_error_line(verified)
     for entry in train_shards:
         assert f"problem: {entry.file}: sha256 differs from the manifest" in verified.stderr
     for target, said in ((missing, "missing"), (changed, "sha256 differs from the manifest")):
