@@ -241,3 +241,33 @@ def test_a_store_that_stops_mid_epoch_stops_the_run_cleanly_and_it_resumes_exact
         assert_bitwise_equal(run_dir, tiny_run)
     finally:
         store_script("down", state, port)
+
+
+# --- another scheme fsspec understands: a plain https/http server ---------------------------------
+@pytest.fixture
+def http_shards(digits_shards):
+    """The digits shard folder served over http on the loopback (a static web server: no listing, no bucket)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards.parent))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/{digits_shards.name}"
+        server.shutdown()
+
+
+def test_shards_over_http_read_as_from_the_local_folder(http_shards, digits_shards):
+    from diffmic.config import DataConfig
+    from diffmic.data import eval_loader
+
+    data = DataConfig(dataset="digits", num_classes=10, image_size=32, num_workers=0)
+    assert read_manifest(http_shards).digest == read_manifest(digits_shards).digest
+    remote = [key for batch in eval_loader(http_shards, "test", data, 64) for key in batch["key"]]
+    local = [key for batch in eval_loader(digits_shards, "test", data, 64) for key in batch["key"]]
+    assert remote == local == read_manifest(digits_shards).splits["test"].keys
+    assert "OK" in diffmic(["verify", http_shards]).stdout
+    missing = http_shards.rsplit("/", 1)[0] + "/no-such-folder"
+    assert "does not exist" in one_error_line(diffmic(["info", missing], check=False))

@@ -43,7 +43,8 @@ def remote_shards(object_store, digits_shards) -> str:
 
 
 def training_args(shards: str, run_dir: Path) -> list[str]:
-    return ["-m", "diffmic", "train", "--config", CONFIG, "--shards", shards, "--run-dir", str(run_dir), "--no-progress",
+    return ["-m", "diffmic", "train", "--config", CONFIG, "--shards", shards, "--run-dir", str(run_dir),
+            "--no-progress",
             *[item for override in SLURM_TRAINING for item in ("--set", override)]]
 
 
@@ -89,9 +90,10 @@ def test_two_hosts_started_by_hand_train_from_s3_as_two_processes_on_one_host_do
     endpoint = f"{HOSTS['ci-node1'][1]}:{free_port()}"
     # gloo binds to the interface of the host's own address (eth0 in each namespace), as on a VM with one NIC.
     env = cpu_environment(1, ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME="eth0", **object_store.env_at(BRIDGE))
-    processes = [subprocess.Popen(on_host(name, [*launcher(kind, rank, endpoint), *training_args(remote_shards, run_dir)]),
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank, name in enumerate(HOSTS)]
+    commands = [on_host(name, [*launcher(kind, rank, endpoint), *training_args(remote_shards, run_dir)])
+                for rank, name in enumerate(HOSTS)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for command in commands]
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-6000:]

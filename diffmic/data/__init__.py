@@ -34,6 +34,6 @@ def shard_dir_for(data) -> str:
     return data.shards or f"shards/{data.dataset}"
 
 
-__all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "ShardWarning", "SplitInfo", "StorageError", "absolute_location", "as_location", "is_url",
-           "eval_loader", "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
+__all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "ShardWarning", "SplitInfo",
+           "StorageError", "absolute_location", "as_location", "is_url", "eval_loader", "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
            "steps_per_epoch", "train_loader", "verify_shards", "TrainLoader", "EvalLoader"]

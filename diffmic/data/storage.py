@@ -42,6 +42,7 @@ CREDENTIAL_HINTS = {
     "gs": "check the credentials the Google Cloud client finds (GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth "
           "application-default login`) and that they may use this bucket",
 }
+BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs"}  # object stores whose URLs start with a bucket
 ENDPOINT_HINTS = {"s3": "check AWS_ENDPOINT_URL (or endpoint_url in ~/.aws/config) and that the server is up"}
 
 
@@ -221,15 +222,27 @@ def remove(url: str) -> None:
     with_retries(url, lambda: fs.rm_file(remote))
 
 
-def list_sizes(folder: str, retries: int = 0) -> dict[str, int]:
-    """{name: bytes} of the objects directly in a remote folder (one listing request); {} when there is none."""
+def list_sizes(folder: str, retries: int = 0) -> dict[str, int | None]:
+    """{name: bytes} of the objects directly in a remote folder (one listing request); {} when there is none.
+    A size is None where the listing does not give it (a web server's index page)."""
     fs, path = filesystem(folder)
+    fs.invalidate_cache(path)  # fsspec keeps listings: the folder may have changed since
     try:
-        entries = with_retries(folder, lambda: fs.ls(path, detail=True, refresh=True), retries)
+        entries = with_retries(folder, lambda: fs.ls(path, detail=True), retries)
     except FileNotFoundError:
         return {}
-    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: None if entry.get("size") is None else int(entry["size"])
             for entry in entries if entry.get("type") != "directory"}
+
+
+def object_size(url: str, retries: int = 0) -> int | None:
+    """The size of one remote object, None when it is not there (for stores whose folders cannot be listed,
+    such as a plain https server)."""
+    fs, path = filesystem(url)
+    try:
+        return int(with_retries(url, lambda: fs.info(path), retries).get("size") or 0)
+    except FileNotFoundError:
+        return None
 
 
 def bucket_of(url: str) -> str:
@@ -238,9 +251,9 @@ def bucket_of(url: str) -> str:
 
 
 def bucket_missing(url: str) -> bool:
-    """Whether the bucket of a URL does not exist."""
+    """Whether the bucket of a URL does not exist (False for stores without buckets, such as https)."""
     bucket = bucket_of(url)
-    if not bucket:
+    if not bucket or scheme(url) not in BUCKET_SCHEMES:
         return False
     fs, _ = filesystem(url)
     return not with_retries(url, lambda: fs.exists(bucket))
