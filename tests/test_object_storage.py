@@ -271,3 +271,52 @@ def test_shards_over_http_read_as_from_the_local_folder(http_shards, digits_shar
     assert "OK" in diffmic(["verify", http_shards]).stdout
     missing = http_shards.rsplit("/", 1)[0] + "/no-such-folder"
     assert "does not exist" in one_error_line(diffmic(["info", missing], check=False))
+
+
+STREAM_SCRIPT = """
+import sys, torch
+from diffmic.config import DataConfig
+from diffmic.data import train_loader
+data = DataConfig(dataset="digits", num_classes=10, image_size=32, num_workers=2)
+for epoch in range(2):  # each epoch forks its workers from a process that has used the storage
+    local = list(train_loader(sys.argv[1], data, 32, seed=0, epoch=epoch))
+    remote = list(train_loader(sys.argv[2], data, 32, seed=0, epoch=epoch))
+    assert [b["key"] for b in local] == [b["key"] for b in remote], epoch
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote)), epoch
+print("same batches")
+"""
+
+
+def test_loader_workers_read_the_bucket_as_the_local_folder_across_epochs(bucket_shards, digits_shards, store_env):
+    """Two worker processes per epoch, forked each epoch from a process that has used the storage: the batches
+    equal the local folder's, epoch after epoch."""
+    result = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(digits_shards), bucket_shards], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **store_env},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "same batches" in result.stdout, result.stderr[-4000:]
+
+
+FORK_SCRIPT = """
+import gc, os, sys, time
+from diffmic.data import storage
+storage.read_bytes(sys.argv[1])  # the parent's connection pool holds a connection now
+pid = os.fork()
+if pid == 0:  # as a DataLoader worker does: a filesystem of its own (fsspec drops the inherited ones)
+    storage.read_bytes(sys.argv[1])
+    gc.collect()
+    os._exit(0)
+os.waitpid(pid, 0)
+started = time.perf_counter()
+storage.read_bytes(sys.argv[1])
+print(f"{time.perf_counter() - started:.3f}")
+"""
+
+
+def test_a_forked_worker_leaves_the_parent_s_connections_alone(bucket_shards, store_env):
+    """A child that closed the filesystem it inherited would take the parent's sockets out of the epoll set they
+    share: the parent's next request then waited 15 s for its timeout (storage._OPENED keeps them unclosed)."""
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT, f"{bucket_shards}/manifest.json"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **store_env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) < 3.0 and "different loop" not in result.stderr, result.stderr[-3000:]

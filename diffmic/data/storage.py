@@ -84,15 +84,24 @@ def parent(location: str | Path) -> str | Path:
     return location.rstrip("/").rsplit("/", 1)[0] if is_url(location) else Path(location).parent
 
 
+# Every filesystem instance this process opened, held for good (fsspec caches them anyway). A forked child (a
+# DataLoader worker) inherits these references, so the instances it inherits are never closed there: closing
+# them in the child takes their sockets out of the epoll set it shares with the parent, whose next request on
+# those connections then waits for its timeout (benchmarks/data.py --s3 measured 16 s per loader before this).
+_OPENED: dict[int, object] = {}
+
+
 def filesystem(url: str):
     """The fsspec filesystem of a URL and the path it knows the object by."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as error:  # an unknown scheme, or its library is not installed
         raise StorageError(f"{url}: no storage library for this URL ({error}); install the fsspec "
                            f"implementation it names (s3fs for s3://, gcsfs for gs://)") from None
+    _OPENED.setdefault(id(fs), fs)
+    return fs, path
 
 
 @dataclass(frozen=True)
