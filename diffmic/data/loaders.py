@@ -16,6 +16,7 @@ once; no resampling, no padding, no collectives.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import AugmentConfig, DataConfig
 from .images import augment_image, decode_image, preprocess_image
 from .manifest import CorruptShardError, Manifest, ManifestError, read_manifest, steps_per_epoch
-from .shardio import read_shard
+from .shardio import ShardReader
 from .storage import Fetching, ShardFile, StorageError
 from .verify import check_shard_files
 
@@ -178,12 +179,32 @@ def _copies(samples: Iterator[dict], weights: tuple[float, ...], rng: np.random.
 
 
 def _kept(plan: TrainPlan, rng: np.random.Generator) -> Iterator[dict]:
-    """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless."""
+    """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless. In a
+    loader worker, a remote shard is fetched while the one before is read (`_next_draw` knows which it will be;
+    not with class copies, whose number the buffer's draws depend on)."""
     weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
+    reader = ShardReader(plan.fetching, ahead=get_worker_info() is not None and plan.class_weights is None)
+    position = 0  # samples yielded so far
     while True:
-        for sample in read_shard(plan.shards[rng.choice(len(plan.shards), p=weights)], plan.fetching):
+        index = int(rng.choice(len(plan.shards), p=weights))
+        samples = reader.read(plan.shards[index])
+        if reader.fetches_ahead(plan.shards[index]):
+            reader.prefetch(plan.shards[_next_draw(rng, weights, plan, position, plan.counts[index])])
+        for sample in samples:
             if plan.keep is None or sample["__key__"] in plan.keep:
+                position += 1
                 yield sample
+
+
+def _next_draw(rng: np.random.Generator, weights: np.ndarray, plan: TrainPlan, position: int, count: int) -> int:
+    """The shard `_kept` draws after the current one (`count` selected samples, the first at stream position
+    `position`), by the same calls on a copy of the generator: between two shard draws, `shuffled_samples` draws one
+    buffer slot for each sample that finds its buffer full (positions from plan.shuffle_buffer on), and nothing
+    else."""
+    ahead = copy.deepcopy(rng)
+    for _ in range(max(0, position + count - max(position, plan.shuffle_buffer))):
+        ahead.integers(plan.shuffle_buffer)
+    return int(ahead.choice(len(plan.shards), p=weights))
 
 
 def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
@@ -285,9 +306,13 @@ def eval_batches(shards: list[ShardFile], image_format: str, batch_size: int, no
     boundary (each shard's last batch may be partial), so a sample meets the same batch mates whatever the
     number of ranks and workers, and batch-dependent floating-point rounding cannot make results depend on
     them."""
-    for shard in shards:
+    reader = ShardReader(fetching, ahead=get_worker_info() is not None)  # the next shard downloads meanwhile
+    for index, shard in enumerate(shards):
         pending: list[dict] = []
-        for sample in read_shard(shard, fetching):
+        samples = reader.read(shard)
+        if index + 1 < len(shards):
+            reader.prefetch(shards[index + 1])
+        for sample in samples:
             if keep is not None and sample["__key__"] not in keep:
                 continue
             pending.append(sample)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -171,9 +172,13 @@ def read_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> Iterator[di
     """The samples of one shard for the training and eval streams. A shard that is missing, differs from the
     manifest or does not read as a tar (truncated, damaged header) is a CorruptShardError of one line; a storage
     that cannot be reached is a StorageError of one line."""
+    return _samples(shard, lambda: open_shard(shard, fetching))
+
+
+def _samples(shard: ShardFile, opener: Callable[[], BinaryIO]) -> Iterator[dict]:
     hint = verify_hint(parent(shard.location))
     try:
-        with open_shard(shard, fetching) as handle:
+        with opener() as handle:
             yield from iter_samples(handle, shard.location)
     except StorageError:
         raise
@@ -184,3 +189,53 @@ def read_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> Iterator[di
     except ValueError as error:  # ChecksumMismatch, or a damaged tar (its message names the shard)
         said = str(error) if str(error).startswith(shard.location) else f"{shard.location}: {error}"
         raise CorruptShardError(f"{said}; {hint}") from None
+
+
+class ShardReader:
+    """Reads the shards of one stream in turn. With `ahead`, `prefetch(shard)` starts fetching the remote shard the
+    stream will read next in a thread, so that its download overlaps the work on the current one (each loader
+    worker otherwise waits for every shard it draws). A shard is still checked in full before any of its samples
+    is used, and a wrong guess costs only its download."""
+
+    def __init__(self, fetching: Fetching, ahead: bool):
+        self.fetching, self.ahead = fetching, ahead
+        self._fetched: _Fetch | None = None
+
+    def fetches_ahead(self, shard: ShardFile) -> bool:
+        return self.ahead and is_url(shard.location)
+
+    def prefetch(self, shard: ShardFile) -> None:
+        if self.fetches_ahead(shard):
+            self._fetched = _Fetch(shard, self.fetching)
+
+    def read(self, shard: ShardFile) -> Iterator[dict]:
+        """The samples of `shard`, from its fetch ahead when that was for it; claimed now, read lazily."""
+        fetched, self._fetched = self._fetched, None
+        if fetched is not None and fetched.shard == shard:
+            return _samples(shard, fetched.result)
+        return read_shard(shard, self.fetching)
+
+
+class _Fetch:
+    """open_shard in a daemon thread: a loader worker leaves by os._exit, so nothing waits for a guess in flight."""
+
+    def __init__(self, shard: ShardFile, fetching: Fetching):
+        self.shard = shard
+        self._done = threading.Event()
+        self._handle: BinaryIO | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fetching,), daemon=True, name="diffmic-fetch-ahead").start()
+
+    def _run(self, fetching: Fetching) -> None:
+        try:
+            self._handle = open_shard(self.shard, fetching)
+        except BaseException as error:  # noqa: BLE001 - raised where the shard is read, as a direct fetch would
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self) -> BinaryIO:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._handle
