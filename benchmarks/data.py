@@ -9,11 +9,11 @@ costs, which every process runs once before it first reads them (`check s`, and 
 About a minute on 2 cores.
 
 With `--s3 s3://bucket/prefix` (the client's usual variables: AWS_ENDPOINT_URL, keys, region) it also uploads the
-HAM10000-like shards there and measures, in rounds that interleave them, the training stream from the local folder,
-from the bucket, and from the bucket through `data.cache_dir` (its first epoch fills the cache, the next read it):
-about a minute more.
+HAM10000-like shards there and measures, in rounds that interleave them, an epoch of the training stream from the
+local folder, from the bucket, and from the bucket through `data.cache_dir` (its first epoch fills the cache, the
+second reads it): a few minutes more.
 
-    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2] [--s3 s3://bucket/prefix] [--rounds 3]
+    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2] [--s3 s3://bucket/prefix] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from timing import device_and_threads
 
 BATCH_SIZE = 32
 MEASURE_SECONDS = 3.0
-EPOCHS_PER_FIGURE = 2  # of the --s3 figures: long enough to average out a shard's fetch
 
 
 @functools.lru_cache(maxsize=2)
@@ -178,23 +177,26 @@ def object_storage(root: Path, url: str, workers: int, rounds: int) -> dict[str,
     figures: dict[str, list[float]] = {}
     for round_ in range(rounds):
         cache = dataclasses.replace(data, cache_dir=str(root / f"cache-{round_}"))  # empty: the first epoch fills it
-        sources = (("local folder", folder, data, range(EPOCHS_PER_FIGURE)),
-                   ("s3, no cache", url, data, range(EPOCHS_PER_FIGURE)),
+        # One epoch each, in this order, every round: a change of the machine's load hits all four alike.
+        sources = (("local folder", folder, data, range(1)),
+                   ("s3, no cache", url, data, range(1)),
                    ("s3 + cache, epoch 1 (fills it)", url, cache, range(1)),
-                   ("s3 + cache, epochs 2-3", url, cache, range(1, 1 + EPOCHS_PER_FIGURE)))
+                   ("s3 + cache, epoch 2", url, cache, range(1, 2)))
         for name, shards, settings, epochs in sources:
             figures.setdefault(name, []).append(epoch_images_per_second(shards, settings, epochs))
     return figures
 
 
-def print_object_storage(figures: dict[str, list[float]], workers: int, url: str) -> None:
-    local = statistics.median(figures["local folder"])
+def print_object_storage(figures: dict[str, list[float]], workers: int, url: str, load: float) -> None:
+    """Medians, and the median over rounds of each source's share of the local folder's images/s in that round
+    (a round's sources ran under about the same load)."""
+    local = figures["local folder"]
     print(f"training stream from {url} (HAM10000-like shards, 224 px, batch {BATCH_SIZE}, {workers} loader workers), "
-          f"{len(figures['local folder'])} interleaved rounds; load average before: {os.getloadavg()[0]:.1f}")
-    print(f"{'source':<32}{'img/s (median)':>15}{'min':>8}{'max':>8}{'of local':>10}")
+          f"{len(local)} interleaved rounds; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"{'source':<32}{'img/s (median)':>15}{'min':>8}{'max':>8}{'of local (paired)':>19}")
     for name, values in figures.items():
-        median = statistics.median(values)
-        print(f"{name:<32}{median:>15.1f}{min(values):>8.1f}{max(values):>8.1f}{median / local:>10.1%}")
+        share = statistics.median(value / base for value, base in zip(values, local))
+        print(f"{name:<32}{statistics.median(values):>15.1f}{min(values):>8.1f}{max(values):>8.1f}{share:>19.1%}")
 
 
 def main() -> None:
@@ -203,13 +205,14 @@ def main() -> None:
     parser.add_argument("--aptos", type=int, default=40, help="APTOS-sized PNGs to generate")
     parser.add_argument("--workers", type=int, default=2, help="loader and encoding processes")
     parser.add_argument("--s3", default="", help="also measure reading the HAM10000-like shards from this URL")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the --s3 measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the --s3 measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"device: {device_and_threads()} (per loader worker)")
     with tempfile.TemporaryDirectory(prefix="diffmic-bench-") as folder:
         rows = [benchmark("ham10000-like", Path(folder), args.ham, 600, 450, ".jpg", args.workers),
                 benchmark("aptos2019-like", Path(folder), args.aptos, 2000, 1500, ".png", args.workers)]
+        load = os.getloadavg()[0]
         remote = object_storage(Path(folder), args.s3.rstrip("/"), args.workers, args.rounds) if args.s3 else None
     print(f"training stream, batch {BATCH_SIZE}, {args.workers} loader workers, 224 px, hflip + rotation:")
     print(f"{'dataset':<16}{'images':>7}  {'source':<14}{'raw MB':>8}{'shard MB':>9}{'gen s':>7}{'shard s':>8}"
@@ -219,7 +222,7 @@ def main() -> None:
               f"{row['generate_s']:>7.1f}{row['shard_s']:>8.1f}{row['raw']:>11.1f}{row['shards']:>13.1f}{row['shards'] / row['raw']:>9.1f}x"
               f"{row['check_s']:>9.3f}{row['check_share']:>8.1%}")
     if remote is not None:
-        print_object_storage(remote, args.workers, args.s3)
+        print_object_storage(remote, args.workers, args.s3, load)
 
 
 if __name__ == "__main__":
