@@ -94,6 +94,23 @@ def test_shards_written_to_a_bucket_are_the_local_shards_byte_for_byte(bucket_sh
     assert diffmic(["verify", bucket_shards], **object_store.env).stdout.count("OK") == 1
 
 
+def test_sharding_over_a_bucket_folder_replaces_it_whole(bucket_shards, object_store, store_env):
+    """--overwrite at a URL: the old manifest goes first, the new shards are put, objects the new folder does not
+    have are removed, and the manifest comes last; without --overwrite nothing is touched."""
+    client, target = object_store.client(), object_store.url("rewritten")
+    copy_prefix(client, bucket_shards, target)
+    client.pipe_file(f"{target}/train-000099.tar", b"left from another run")
+    refused = diffmic(["shard", *DIGITS_OPTIONS, "--out", target], check=False, **store_env)
+    assert "--overwrite" in one_error_line(refused)
+    diffmic(["shard", "--dataset", "digits", "--size", "32", "--shard-size", "600", "--workers", "1", "--out", target,
+             "--overwrite"], **store_env)
+    listed = {entry.file for info in read_manifest(target).splits.values() for entry in info.shards}
+    before = sum(len(info.shards) for info in read_manifest(bucket_shards).splits.values())
+    found = {path.rsplit("/", 1)[-1] for path in client.ls(target, refresh=True)}
+    assert found == listed | {"manifest.json"} and len(listed) < before  # the stale shards and the stray are gone
+    assert "OK" in diffmic(["verify", target], **store_env).stdout
+
+
 def test_a_run_from_the_bucket_killed_and_resumed_is_bitwise_the_local_run(bucket_shards, tiny_run, store_env,
                                                                             tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
