@@ -35,5 +35,6 @@ def shard_dir_for(data) -> str:
 
 
 __all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "ShardWarning", "SplitInfo",
-           "StorageError", "absolute_location", "as_location", "is_url", "eval_loader", "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
-           "steps_per_epoch", "train_loader", "verify_shards", "TrainLoader", "EvalLoader"]
+           "StorageError", "absolute_location", "as_location", "is_url", "eval_loader", "eval_transform",
+           "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for", "steps_per_epoch", "train_loader",
+           "verify_shards", "TrainLoader", "EvalLoader"]
