@@ -111,6 +111,80 @@ def test_sharding_over_a_bucket_folder_replaces_it_whole(bucket_shards, object_s
     assert "OK" in diffmic(["verify", target], **store_env).stdout
 
 
+def test_sharding_to_a_bucket_removes_the_old_manifest_first_and_puts_the_new_one_last(object_store, store_env,
+                                                                                      monkeypatch):
+    """While the shards go up, the prefix holds no manifest, so no reader takes a half-written upload for a folder."""
+    from diffmic.data import ShardOptions, shard_dataset, storage
+
+    url, client = object_store.url("upload-order"), object_store.client()
+    manifest_path = f"{url}/manifest.json"[len("s3://"):]
+    steps: list[tuple[str, str, bool]] = []  # (action, object, whether a manifest was in the store just before)
+
+    def manifest_there() -> bool:
+        client.invalidate_cache()
+        return client.exists(manifest_path)
+
+    def recorded(action: str, real):
+        def call(*args):
+            steps.append((action, args[-1].rsplit("/", 1)[-1], manifest_there()))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(storage, "upload_file", recorded("put", storage.upload_file))
+    monkeypatch.setattr(storage, "remove", recorded("remove", storage.remove))
+    for overwrite in (False, True):
+        steps.clear()
+        shard_dataset(ShardOptions(dataset="digits", out=url, size=32, shard_size=600, workers=1, overwrite=overwrite))
+        shards = [name for action, name, _ in steps if name.endswith(".tar")]
+        assert shards and steps[-1] == ("put", "manifest.json", False), steps
+        assert [step for step in steps if step[1] == "manifest.json"][:-1] == ([("remove", "manifest.json", True)]
+                                                                               if overwrite else []), steps
+        assert not any(there for _, name, there in steps if name != "manifest.json"), steps
+    assert manifest_there()
+
+
+class CountingFilesystem:
+    """An fsspec filesystem that records every object it is asked to read, whichever way it is read."""
+
+    def __init__(self, fs, reads: list[str]):
+        self._fs, self._reads = fs, reads
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open(self, path, *args, **kwargs):
+        self._reads.append(path)
+        return self._fs.open(path, *args, **kwargs)
+
+    def cat_file(self, path, *args, **kwargs):
+        self._reads.append(path)
+        return self._fs.cat_file(path, *args, **kwargs)
+
+
+def test_a_remote_shard_is_fetched_once_to_check_and_to_read_it(bucket_shards, store_env, monkeypatch):
+    """The sha256 is computed as the bytes arrive: evaluating from the bucket, and `verify`, fetch each shard once."""
+    from collections import Counter
+
+    from diffmic.config import DataConfig
+    from diffmic.data import eval_loader, storage
+    from diffmic.data.verify import verify_shards
+
+    manifest, reads = read_manifest(bucket_shards), []
+    real = storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda url: (CountingFilesystem(real(url)[0], reads), real(url)[1]))
+
+    def shard_reads() -> Counter:
+        return Counter(path.rsplit("/", 1)[-1] for path in reads if path.endswith(".tar"))
+
+    data = DataConfig(dataset="digits", num_classes=10, image_size=32, num_workers=0)
+    keys = [key for batch in eval_loader(bucket_shards, "test", data, 64) for key in batch["key"]]
+    assert keys == manifest.splits["test"].keys
+    assert shard_reads() == Counter(entry.file for entry in manifest.splits["test"].shards)
+    reads.clear()
+    assert verify_shards(bucket_shards) == []
+    assert shard_reads() == Counter(entry.file for info in manifest.splits.values() for entry in info.shards)
+
+
 def test_a_run_from_the_bucket_killed_and_resumed_is_bitwise_the_local_run(bucket_shards, tiny_run, store_env,
                                                                             tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"

@@ -26,9 +26,9 @@ from pathlib import Path
 from PIL import Image
 
 from .. import __version__
+from . import storage
 from .images import encode_image, preprocess_image
 from .layouts import LAYOUTS, Layout
-from . import storage
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_manifest
 from .shardio import SplitShardWriter
 from .sources import Problem, Record, ShardError, SourceData

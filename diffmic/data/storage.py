@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 BLOCK = 8 << 20  # bytes per read of a remote object: a whole shard of 224 px JPEGs in one or two requests
 MAX_WAIT_S = 30.0  # the longest pause between two tries of a fetch
