@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffmic.config import AugmentConfig, DataConfig
 from diffmic.data import ShardOptions, shard_dataset, storage, train_loader, verify
 from diffmic.data.images import augment_image, preprocess_image
+
 from timing import device_and_threads
 
 BATCH_SIZE = 32

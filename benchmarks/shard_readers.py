@@ -19,8 +19,8 @@ from pathlib import Path
 
 import fsspec
 import webdataset
-
 from data import make_folder
+
 from diffmic.data import ShardOptions, read_manifest, shard_dataset
 from diffmic.data.shardio import iter_shard_samples, read_shard
 from diffmic.data.storage import Fetching, upload_file

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ObjectStore, read_client_env
+
 from diffmic import checkpoint as ckpt
 from diffmic.data import read_manifest
 from diffmic.data.shardio import read_shard

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_slurm_jobs import SLURM_TRAINING
 
 from engine_helpers import REPO, cpu_environment, free_port
-from test_slurm_jobs import SLURM_TRAINING
 
 pytestmark = pytest.mark.timeout(900)
 HOSTS = {"ci-node1": ("slurmci-n1", "10.77.77.11"), "ci-node2": ("slurmci-n2", "10.77.77.12")}
