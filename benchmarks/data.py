@@ -8,15 +8,23 @@ with the same batch size, loader workers and augmentation; and what the sha256 c
 costs, which every process runs once before it first reads them (`check s`, and as a share of one epoch).
 About a minute on 2 cores.
 
-    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2]
+With `--s3 s3://bucket/prefix` (the client's usual variables: AWS_ENDPOINT_URL, keys, region) it also uploads the
+HAM10000-like shards there and measures, in rounds that interleave them, an epoch of the training stream from the
+local folder, from the bucket, and from the bucket through `data.cache_dir` (its first epoch fills the cache, the
+second reads it): a few minutes more.
+
+    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2] [--s3 s3://bucket/prefix] [--rounds 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import multiprocessing
+import os
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from diffmic.config import AugmentConfig, DataConfig
-from diffmic.data import Manifest, ShardOptions, shard_dataset, train_loader, verify
+from diffmic.data import Manifest, ShardOptions, shard_dataset, storage, train_loader, verify
 from diffmic.data.images import augment_image, preprocess_image
 
 from timing import device_and_threads
@@ -117,7 +125,7 @@ def measure(epoch_loader, seconds: float = MEASURE_SECONDS) -> float:
 
 def checksum_seconds(manifest) -> float:
     """The first check of a process: every train shard hashed (the memo of earlier checks emptied)."""
-    verify._MATCHED.clear()
+    storage._MATCHED.clear()
     started = time.perf_counter()
     verify.check_shard_files(manifest, manifest.splits["train"].shards)
     return time.perf_counter() - started
@@ -167,17 +175,68 @@ def benchmark(name: str, root: Path, count: int, width: int, height: int, suffix
             "shards": shards, "check_s": check, "check_share": check / epoch}
 
 
+def epoch_images_per_second(shards, data: DataConfig, epochs: range) -> float:
+    """Images per second over exactly these epochs (worker start-up included)."""
+    images, start = 0, time.perf_counter()
+    for epoch in epochs:
+        for batch in train_loader(shards, data, BATCH_SIZE, seed=0, epoch=epoch):
+            images += len(batch["label"])
+    return images / (time.perf_counter() - start)
+
+
+def upload(folder: Path, url: str) -> None:
+    """The shard folder to the bucket, the manifest last (as `diffmic shard --out URL` does)."""
+    for path in sorted(folder.iterdir(), key=lambda path: path.name == "manifest.json"):
+        storage.upload_file(path, f"{url}/{path.name}")
+
+
+def object_storage(root: Path, url: str, workers: int, rounds: int) -> dict[str, list[float]]:
+    """images/s of the training stream from the local folder, from the bucket, and from the bucket through a cache
+    (first and second epoch), each measured once per round, the sources interleaved within a round."""
+    folder = root / "ham10000-like" / "shards"
+    upload(folder, url)
+    data = DataConfig(dataset="ham10000-like", num_classes=2, image_size=224, num_workers=workers,
+                      augment=AugmentConfig(hflip=True, vflip=False, rotation=30.0))
+    figures: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        cache = dataclasses.replace(data, cache_dir=str(root / f"cache-{round_}"))  # empty: the first epoch fills it
+        # One epoch each, in this order, every round: a change of the machine's load hits all four alike.
+        sources = (("local folder", folder, data, range(1)),
+                   ("s3, no cache", url, data, range(1)),
+                   ("s3 + cache, epoch 1 (fills it)", url, cache, range(1)),
+                   ("s3 + cache, epoch 2", url, cache, range(1, 2)))
+        for name, shards, settings, epochs in sources:
+            figures.setdefault(name, []).append(epoch_images_per_second(shards, settings, epochs))
+    return figures
+
+
+def print_object_storage(figures: dict[str, list[float]], workers: int, url: str, load: float) -> None:
+    """Medians, and the median over rounds of each source's share of the local folder's images/s in that round
+    (a round's sources ran under about the same load)."""
+    local = figures["local folder"]
+    print(f"training stream from {url} (HAM10000-like shards, 224 px, batch {BATCH_SIZE}, {workers} loader workers), "
+          f"{len(local)} interleaved rounds; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"{'source':<32}{'img/s (median)':>15}{'min':>8}{'max':>8}{'of local (paired)':>19}")
+    for name, values in figures.items():
+        share = statistics.median(value / base for value, base in zip(values, local))
+        print(f"{name:<32}{statistics.median(values):>15.1f}{min(values):>8.1f}{max(values):>8.1f}{share:>19.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ham", type=int, default=768, help="HAM10000-sized JPEGs to generate")
     parser.add_argument("--aptos", type=int, default=40, help="APTOS-sized PNGs to generate")
     parser.add_argument("--workers", type=int, default=2, help="loader and encoding processes")
+    parser.add_argument("--s3", default="", help="also measure reading the HAM10000-like shards from this URL")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds of the --s3 measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"device: {device_and_threads()} (per loader worker)")
     with tempfile.TemporaryDirectory(prefix="diffmic-bench-") as folder:
         rows = [benchmark("ham10000-like", Path(folder), args.ham, 600, 450, ".jpg", args.workers),
                 benchmark("aptos2019-like", Path(folder), args.aptos, 2000, 1500, ".png", args.workers)]
+        load = os.getloadavg()[0]
+        remote = object_storage(Path(folder), args.s3.rstrip("/"), args.workers, args.rounds) if args.s3 else None
     print(f"training stream, batch {BATCH_SIZE}, {args.workers} loader workers, 224 px, hflip + rotation:")
     print(f"{'dataset':<16}{'images':>7}  {'source':<14}{'raw MB':>8}{'shard MB':>9}{'gen s':>7}{'shard s':>8}"
           f"{'raw img/s':>11}{'shard img/s':>13}{'speed-up':>10}{'check s':>9}{'of epoch':>9}")
@@ -185,6 +244,8 @@ def main() -> None:
         print(f"{row['name']:<16}{row['images']:>7}  {row['size']:<14}{row['raw_mb']:>8.1f}{row['shard_mb']:>9.1f}"
               f"{row['generate_s']:>7.1f}{row['shard_s']:>8.1f}{row['raw']:>11.1f}{row['shards']:>13.1f}{row['shards'] / row['raw']:>9.1f}x"
               f"{row['check_s']:>9.3f}{row['check_share']:>8.1%}")
+    if remote is not None:
+        print_object_storage(remote, args.workers, args.s3, load)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,12 @@ class DataConfig(Section):
     # Class-balanced training stream: each sample repeated in proportion to 1 / its class's count in the
     # manifest, so every class is drawn at the same rate; an epoch keeps its number of batches.
     balanced_sampling: bool = False
+    # Shards at a URL (s3://...): a local folder where each shard is kept once fetched and checked, so that later
+    # epochs and restarts read it from disk; '' reads them from the storage every time. Machine-local: a resume
+    # may change it (and fetch_retries) freely.
+    cache_dir: str = ""
+    # A fetch that loses its connection is tried again this many times, waiting 1, 2, 4, ... s (at most 30 s).
+    fetch_retries: int = 6
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # ImageNet statistics: the trunks expect them, pretrained or not.
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -182,6 +188,7 @@ class DataConfig(Section):
                  f"got {self.image_size}, expected a positive multiple of {CELL_SIZE}")
         _require(self.num_workers >= 0, "num_workers", f"got {self.num_workers}, expected >= 0")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"got {self.shuffle_buffer}, expected at least 1")
+        _require(self.fetch_retries >= 0, "fetch_retries", f"got {self.fetch_retries}, expected >= 0")
         _require(self.fold >= -1, "fold", f"got {self.fold}, expected a fold number 0..K-1, or -1 for none")
         for key in ("mean", "std"):
             _require(len(getattr(self, key)) == 3, key, "expected three values (R, G, B)")

@@ -88,6 +88,81 @@ def slurm_training(slurm_cluster, digits_shards, tmp_path_factory):
     return run_dir
 
 
+# --------------------------------------------------------------------------------------------
+# object_store: the S3-compatible server that `.ci/s3-server.sh up` starts (SeaweedFS, real signatures).
+# --------------------------------------------------------------------------------------------
+
+S3_STATE = os.environ.get("DIFFMIC_S3_STATE", "/var/tmp/diffmic-s3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectStore:
+    """The running store: the client variables a process on this host needs, and one bucket for this session."""
+
+    env: dict  # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION
+    bucket: str
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def upload(self, folder, name: str) -> str:
+        """A local shard folder put into the bucket under `name`, the manifest last (as `diffmic shard` does)."""
+        client, url = self.client(), self.url(name)
+        for path in sorted(folder.iterdir(), key=lambda path: path.name == "manifest.json"):
+            client.put_file(str(path), f"{url}/{path.name}")
+        return url
+
+    def env_at(self, address: str) -> dict:
+        """The client variables for a host that reaches the store at `address` (the two-node cluster's bridge)."""
+        port = self.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        return {**self.env, "AWS_ENDPOINT_URL": f"http://{address}:{port}"}
+
+    def client(self, **overrides):
+        """A fresh s3fs filesystem (fsspec caches instances, which would keep old settings) for these variables."""
+        import s3fs
+
+        env = {**self.env, **overrides}
+        return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                                 endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True,
+                                 client_kwargs={"region_name": env["AWS_DEFAULT_REGION"]})
+
+
+def read_client_env(state: str) -> dict:
+    path = os.path.join(state, "client.env")
+    with open(path) as handle:
+        return dict(line.strip().split("=", 1) for line in handle if "=" in line)
+
+
+def _object_store_probe() -> tuple[dict | None, str]:
+    try:
+        env = read_client_env(S3_STATE)
+    except OSError as error:
+        return None, f"no client settings in {S3_STATE} ({error}): start it with `bash .ci/s3-server.sh up`"
+    try:
+        ObjectStore(env, "").client().ls("")
+    except Exception as error:  # noqa: BLE001 - any failure means the store cannot be used
+        return None, f"the store at {env.get('AWS_ENDPOINT_URL')} does not answer ({type(error).__name__}: {error})"
+    return env, ""
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """A bucket of its own on the running S3 store, removed at the end; skip (fail under CI=true) without one."""
+    import secrets
+
+    env, reason = _object_store_probe()
+    if env is None:
+        message = f"S3 store unavailable: {reason}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with .ci/s3-server.sh up)")
+        pytest.skip(message)
+    store = ObjectStore(env, f"diffmic-test-{secrets.token_hex(4)}")
+    client = store.client()
+    client.mkdir(store.bucket)
+    yield store
+    client.rm(store.bucket, recursive=True)
+
+
 # Session fixtures shared by the engine, evaluation and Slurm tests (defined once, here, so a session
 # trains the tiny run and shards digits only once).
 from engine_helpers import digits_shards, tiny_run  # noqa: E402,F401

@@ -5,7 +5,6 @@ exactly as it was."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from diffmic.config import ConfigError, DataConfig, load_config
 from diffmic.data import ShardOptions, read_manifest, shard_dataset, steps_per_epoch, train_loader
 from diffmic.data.loaders import SAMPLE_STREAM, _generator, class_weights
-from diffmic.data.verify import read_shard
+from diffmic.data.shardio import read_shard
 
 TRAIN_COUNTS = (60, 24, 10, 6)  # 100 training images; the rarest class is 6 %
 
@@ -103,7 +102,7 @@ def reference_keys(shards, data: DataConfig, batch_size: int, seed: int, epoch: 
     wanted = steps_per_epoch(manifest, batch_size, 1) * batch_size
     buffer, keys = [], []
     while len(keys) < wanted:
-        for sample in read_shard(Path(manifest.folder / entries[rng.choice(len(entries), p=weights)].file)):
+        for sample in read_shard(manifest.shard_file(entries[rng.choice(len(entries), p=weights)])):
             if len(buffer) < data.shuffle_buffer:
                 buffer.append(sample)
                 continue

@@ -308,3 +308,31 @@ def test_long_keys_survive_the_round_trip(tmp_path):
     theirs = list(webdataset.WebDataset([str(tmp_path / entry.file)], shardshuffle=False, empty_check=False))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [key, "short"]
     assert ours[0]["jpg"] == theirs[0]["jpg"] == b"\xff\xd8 not really a jpeg"
+
+
+def test_the_train_stream_fetches_ahead_exactly_the_shard_it_draws_next(shards, monkeypatch):
+    """In a loader worker the stream fetches the next remote shard while it reads the current one; it knows which
+    by drawing on a copy of its generator. Recorded here on local shards, through the buffer's filling (8 samples,
+    shards of 3) and after it."""
+    from diffmic.data import loaders
+    from diffmic.data.shardio import ShardReader, read_shard
+
+    guessed, drawn = [], []
+
+    class Recording(ShardReader):
+        def fetches_ahead(self, shard):
+            return True
+
+        def prefetch(self, shard):
+            guessed.append(shard.location)
+
+        def read(self, shard):
+            drawn.append(shard.location)
+            return read_shard(shard, self.fetching)
+
+    monkeypatch.setattr(loaders, "ShardReader", Recording)
+    monkeypatch.setattr(loaders, "get_worker_info", lambda: object())  # as inside a loader worker
+    keys = keys_of(train_loader(shards, data_config(num_workers=0), batch_size=4, seed=3, epoch=1))
+    assert len(drawn) > 10 and guessed[:len(drawn) - 1] == drawn[1:]
+    monkeypatch.undo()
+    assert keys == keys_of(train_loader(shards, data_config(num_workers=0), batch_size=4, seed=3, epoch=1))

@@ -5,8 +5,9 @@ and run in order in a scratch folder outside the repository, as a user's project
 native layouts under data/, and no configs/ or launch/ of its own (the packaged ones are found by name).
 Three adjustments keep it to a CPU and about a minute, and all only add options: `diffmic shard` gets
 --size 32, `diffmic train` gets TRAIN_BUDGET overrides (32 px, a smaller model, one step of each phase),
-and Slurm submissions get --dry-run. Placeholders (<time>, NAME,
-$(diffmic configs path NAME)) are filled with what the earlier commands made or what that command prints.
+and Slurm submissions get --dry-run. The `s3://my-bucket/` commands run against the CI's S3 server (its session
+bucket in place of my-bucket). Placeholders (<time>, NAME, $(diffmic configs path NAME)) are filled with what the
+earlier commands made or what that command prints.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from data_fixtures import aptos_layout, ham_metadata_layout, imagefolder_layout,
 from engine_helpers import REPO, cpu_environment, diffmic_here, free_port
 
 README = REPO / "README.md"
-PROGRAMS = ("diffmic ", "accelerate launch ", "make ", "python ", "benchmarks/", "CI=true ")
+PROGRAMS = ("diffmic ", "accelerate launch ", "make ", "python ", "benchmarks/", "CI=true ", "torchrun ", "kubectl ")
+REMOTE = "s3://my-bucket/"  # the README's bucket
 # Added to `diffmic shard` and `diffmic train`: the paper's 224 px model and schedule would take hours on
 # a CPU. 32 px images give a 1x1 saliency map, hence one ROI tile.
 SHARD_BUDGET = ["--size", "32"]
@@ -147,7 +149,7 @@ def test_every_readme_command_runs_as_written(project):
     skipped = not_run_table(text)
     ran, background = [], []
     for command in readme_commands(text):
-        if command in skipped:
+        if command in skipped or REMOTE in command:  # the s3:// commands: test_the_object_storage_commands_run
             continue
         argv = as_argv(fill_placeholders(command, project))
         if argv[0] == "diffmic":  # the console script's own entry point, in this process
@@ -167,3 +169,22 @@ def test_every_readme_command_runs_as_written(project):
     assert len(outputs) >= 2, "the eval commands wrote no metrics.json"
     assert len(list((project / "runs").glob("ham10000-*/checkpoints/step-*/COMPLETE"))) >= 2
     assert len(ran) >= 15
+
+
+def test_the_object_storage_commands_run_as_written(project, object_store, monkeypatch):
+    """The README's s3:// commands in order, against the CI's S3 server: its session bucket stands for my-bucket,
+    and the client finds the server through the standard variables, as a user's shell would give them."""
+    for key, value in object_store.env.items():
+        monkeypatch.setenv(key, value)
+    text = README.read_text()
+    skipped = not_run_table(text)
+    commands = [command for command in readme_commands(text) if REMOTE in command and command not in skipped]
+    assert len(commands) >= 5, commands
+    for command in commands:
+        command = command.replace(REMOTE, f"s3://{object_store.bucket}/readme/")
+        check(diffmic_here(as_argv(fill_placeholders(command, project))[1:], cwd=project), command)
+    listed = object_store.client().ls(f"{object_store.bucket}/readme/shards/ham10000")
+    assert any(name.endswith("/manifest.json") for name in listed), listed
+    cached = list((project / "cache" / "shards" / "s3" / object_store.bucket).rglob("train-*.tar"))
+    assert cached, "data.cache_dir=cache/shards kept no shard"
+

@@ -33,10 +33,11 @@ def overrides(*extra: str) -> list[str]:
     return [item for override in SLURM_TRAINING + list(extra) for item in ("--set", override)]
 
 
-def train_job(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=(),
-              job: list[str] = CPU_JOB) -> subprocess.CompletedProcess:
+def train_job(run_dir: Path, shards: Path | str, *extra_args: str, check: bool = True, extra_overrides=(),
+              job: list[str] = CPU_JOB, **env) -> subprocess.CompletedProcess:
+    """`env`: more variables for the submitting process, which sbatch passes on to the job's tasks."""
     return diffmic(["train", "--config", CONFIG, "--shards", str(shards), "--run-dir", str(run_dir), "--slurm",
-                    "--partition", "debug", *job, *extra_args, *overrides(*extra_overrides)], check=check)
+                    "--partition", "debug", *job, *extra_args, *overrides(*extra_overrides)], check=check, **env)
 
 
 def record(run_dir: Path, kind: str = "train") -> dict:

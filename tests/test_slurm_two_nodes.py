@@ -47,8 +47,9 @@ def two_nodes(slurm_cluster) -> tuple[str, ...]:
     pytest.skip(reason)
 
 
-def two_node_train(run_dir: Path, shards: Path, *extra_args: str, check: bool = True, extra_overrides=()):
-    return train_job(run_dir, shards, *extra_args, check=check, extra_overrides=extra_overrides, job=TWO_NODE_JOB)
+def two_node_train(run_dir: Path, shards: Path | str, *extra_args: str, check: bool = True, extra_overrides=(), **env):
+    return train_job(run_dir, shards, *extra_args, check=check, extra_overrides=extra_overrides, job=TWO_NODE_JOB,
+                     **env)
 
 
 def loss_rows(run_dir: Path) -> list[tuple[int, float]]:
@@ -90,6 +91,22 @@ def test_two_nodes_train_as_a_two_task_job_on_one_node_does(two_nodes, two_node_
     print(f"losses, two nodes: {two}\nlosses, one node: {one}")
     assert [step for step, _ in two] == [step for step, _ in one]
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-5, abs=1e-6)
+
+
+def test_a_two_node_job_trains_from_s3_with_no_shard_folder_on_either_node(two_nodes, two_node_training, object_store,
+                                                                        digits_shards, tmp_path):
+    """The nodes reach the S3 store over the bridge (10.77.77.1); the job reads every shard from the bucket."""
+    url = object_store.upload(digits_shards, "digits-slurm")
+    run_dir = tmp_path / "run"
+    two_node_train(run_dir, url, "--wait", **object_store.env_at("10.77.77.1"))
+    entry = record(run_dir)
+    assert job_state(entry) == "COMPLETED"
+    assert len(set(rank_hosts(entry).values())) == 2
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["shards"] == url and run["world_size"] == 2
+    ours, theirs = loss_rows(run_dir), loss_rows(two_node_training)
+    assert [step for step, _ in ours] == [step for step, _ in theirs]
+    assert [loss for _, loss in ours] == pytest.approx([loss for _, loss in theirs], rel=1e-5, abs=1e-6)
 
 
 def test_two_node_eval_gives_the_same_predictions_as_a_local_eval(two_nodes, two_node_training, tmp_path):

@@ -352,10 +352,16 @@ def remove_partials(run_dir: str | Path) -> None:
 
 
 # --- configuration ------------------------------------------------------------------------------------
+# Settings that say how this machine reaches the data, never what is trained: a resume on another machine may
+# change them without --allow-changes.
+MACHINE_LOCAL_KEYS = ("data.cache_dir", "data.fetch_retries")
+
+
 def config_changes(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (checkpoint's value, current value)} for every setting that differs."""
+    """{dotted key: (checkpoint's value, current value)} for every setting that differs, less MACHINE_LOCAL_KEYS."""
     old, new = flatten(saved.to_dict()), flatten(current.to_dict())
-    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and key not in MACHINE_LOCAL_KEYS}
 
 
 def is_model_key(key: str) -> bool:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..data.layouts import LAYOUTS
+from ..data.storage import join
 from ..progress import ProgressBar
 from .common import app, console, error_console
 
@@ -35,7 +36,8 @@ def shard(
     dataset: str = typer.Option(..., "--dataset", "-d", help=f"Source layout: {', '.join(LAYOUTS)} (see below)."),
     root: Path = typer.Option(None, "--root", help="The download's folder (or file, for pkl and medmnist). Default: "
                               + _by_default(_shown_root) + "; <name> is --name."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: shards/<name>."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder, or a URL (s3://bucket/prefix). Default: "
+                                                       "shards/<name>."),
     name: str = typer.Option(None, "--name", help="Dataset name in the manifest and default paths. Default: the "
                                                   "--out folder's name, else the layout."),
     size: int = typer.Option(None, "--size", help="Square image side in pixels. Default "
@@ -87,12 +89,12 @@ def shard(
     for warning in said:
         error_console.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     if manifest.rejected:
-        console.print(f"[yellow]{manifest.rejected} input(s) left out: see {options.out / 'rejected.csv'}[/]")
+        console.print(f"[yellow]{manifest.rejected} input(s) left out: see {join(options.out, 'rejected.csv')}[/]")
     console.print(f"wrote {options.out}; check it any time with: diffmic verify {options.out}")
 
 
 @app.command("verify")
-def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic shard.")) -> None:
+def verify(shard_dir: str = typer.Argument(..., help="A folder made by diffmic shard, or its URL.")) -> None:
     """Re-read every shard: sha256, sizes, sample counts, keys, labels, and that every image decodes.
 
     Names each problem and exits non-zero when anything is wrong.
@@ -116,7 +118,7 @@ def verify(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic 
 
 
 @app.command("info")
-def info(shard_dir: Path = typer.Argument(..., help="A folder made by diffmic shard.")) -> None:
+def info(shard_dir: str = typer.Argument(..., help="A folder made by diffmic shard, or its URL.")) -> None:
     """Print the classes and per-split counts of a shard folder.
 
     Example: diffmic info shards/ham10000

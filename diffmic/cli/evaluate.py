@@ -36,7 +36,8 @@ def eval_command(
     split: str = typer.Option("test", "--split", help="Split of the shards to evaluate: test, val or train."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder. Default: RUN/eval/<split>-<checkpoint>-"
                                                        "<sampler><steps>/."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: the one the run trained on."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder, or its URL. Default: the one the run trained "
+                                                      "on."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     *,
     choices: dict,  # the evaluation settings' options, added by with_eval_settings

@@ -19,9 +19,9 @@ def import_reference_command(
                                                             "configs/reference/ham10000.yaml."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to create; it must not exist yet."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder the run evaluates on by default (its class "
-                                                       "names are recorded). Default: data.shards of the config, "
-                                                       "else shards/<data.dataset>, when it exists."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder (or its URL) the run evaluates on by default "
+                                                      "(its class names are recorded). Default: data.shards of the "
+                                                      "config, else shards/<data.dataset>, when it exists."),
     classes: str = typer.Option(None, "--classes", help="Class names in the authors' label order, comma-separated, "
                                                         "when no shard folder is at hand. Default: the dataset's."),
     overrides: list[str] = SET_OPTION,

@@ -24,7 +24,8 @@ def sweep_command(
                                                              "(repeatable; a [list] is one value)."),
     folds: int = typer.Option(0, "--folds", help="Cross-validate over the shards' K folds (data.fold = 0..K-1)."),
     out: Path = typer.Option(None, "--out", "-o", help="Sweep folder. Default: sweeps/<first config>-<time>."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder for every run. Default: each config's."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder (or its URL) for every run. Default: each "
+                                                      "config's."),
     array_parallelism: int = typer.Option(4, "--array-parallelism", help="With --slurm: runs of the job array "
                                                                         "running at once.", rich_help_panel="Slurm"),
     *,

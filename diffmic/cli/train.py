@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ..data.storage import basename
 from .common import SET_OPTION, UserError, app, config_file, console
 from .launch import Launch, with_launch_options
 
@@ -18,13 +19,13 @@ def shard_folders(root: Path = SHARDS_ROOT) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
 
 
-def resolve_inputs(config: Path | None, dataset: str | None, shards: Path | None) -> tuple[Path, Path | None]:
+def resolve_inputs(config: Path | None, dataset: str | None, shards: str | None) -> tuple[Path, Path | str | None]:
     """(config file, shard folder or None for the config's own) from the short forms:
     --dataset NAME means configs/NAME.yaml (here, else packaged) and shards/NAME; with neither flag, the
     only shard folder."""
     if config is None and dataset is None:
         if shards is not None:
-            dataset = shards.name
+            dataset = basename(shards)
         else:
             found = shard_folders()
             if len(found) != 1:
@@ -46,8 +47,8 @@ def train_command(
                                                             "configs/<dataset>.yaml."),
     dataset: str = typer.Option(None, "--dataset", "-d", help="Short form: configs/NAME.yaml (here, else packaged) "
                                                               "and shards/NAME."),
-    shards: Path = typer.Option(None, "--shards", help="Shard folder. Default: data.shards of the config, "
-                                                       "else shards/<data.dataset>."),
+    shards: str = typer.Option(None, "--shards", help="Shard folder, or its URL (s3://bucket/prefix). Default: "
+                                                      "data.shards of the config, else shards/<data.dataset>."),
     run_dir: Path = typer.Option(None, "--run-dir", "-r", help="Run folder; an existing one is resumed from its "
                                                                "latest checkpoint. Default: runs/<dataset>-<time>."),
     overrides: list[str] = SET_OPTION,
@@ -68,14 +69,14 @@ def train_command(
     """
     from ..checkpoint import complete_checkpoints
     from ..config import load_config
-    from ..data import read_manifest, shard_dir_for
+    from ..data import as_location, read_manifest, shard_dir_for
     from ..launch.job import TrainJob
     from ..models.pretrained import fetch_all
     from ..run import RunFolder
 
     config_path, shard_dir = resolve_inputs(config, dataset, shards)
     cfg = load_config(config_path, overrides or [])
-    shard_dir = Path(shard_dir or shard_dir_for(cfg.data))
+    shard_dir = as_location(shard_dir or shard_dir_for(cfg.data))
     allowed = [key.strip() for key in allow_changes.split(",") if key.strip()]
     job = TrainJob(cfg, str(shard_dir), str(run_dir) if run_dir else None, allowed,
                    {"config_file": str(config_path.resolve())})

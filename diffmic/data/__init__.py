@@ -1,5 +1,6 @@
 """Data: dataset layouts -> WebDataset shards + manifest (`shard_dataset`), checks (`verify_shards`), and
-the train / eval streams every later stage reads (`train_loader`, `eval_loader`).
+the train / eval streams every later stage reads (`train_loader`, `eval_loader`). A shard folder is a local
+path or a URL (storage.py).
 
 The streams need torch; they are imported on first use so that `diffmic info` and `diffmic verify`
 start without it.
@@ -14,6 +15,7 @@ from .images import preprocess_image
 from .manifest import Manifest, ManifestError, ShardEntry, SplitInfo, read_manifest, steps_per_epoch
 from .sharding import ShardOptions, ShardWarning, shard_dataset
 from .sources import ShardError
+from .storage import StorageError, absolute_location, as_location, is_url
 from .verify import verify_shards
 
 _TORCH_NAMES = ("train_loader", "eval_loader", "eval_transform", "TrainLoader", "EvalLoader")
@@ -33,5 +35,6 @@ def shard_dir_for(data) -> str:
 
 
 __all__ = ["Manifest", "ManifestError", "ShardEntry", "ShardError", "ShardOptions", "ShardWarning", "SplitInfo",
-           "eval_loader", "eval_transform", "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for",
-           "steps_per_epoch", "train_loader", "verify_shards", "TrainLoader", "EvalLoader"]
+           "StorageError", "absolute_location", "as_location", "is_url", "eval_loader", "eval_transform",
+           "preprocess_image", "read_manifest", "shard_dataset", "shard_dir_for", "steps_per_epoch", "train_loader",
+           "verify_shards", "TrainLoader", "EvalLoader"]

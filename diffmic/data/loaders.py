@@ -16,12 +16,12 @@ once; no resampling, no padding, no collectives.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config import AugmentConfig, DataConfig
 from .images import augment_image, decode_image, preprocess_image
 from .manifest import CorruptShardError, Manifest, ManifestError, read_manifest, steps_per_epoch
-from .verify import check_shard_files, read_shard
+from .shardio import ShardReader
+from .storage import Fetching, ShardFile, StorageError
+from .verify import check_shard_files
 
 SAMPLE_STREAM, AUGMENT_STREAM, BALANCE_STREAM = 0, 1, 2
 
@@ -108,19 +110,19 @@ def usable_workers(requested: int) -> int:
 
 
 def _relay_errors(items: Iterator[dict]) -> Iterator[dict]:
-    """Inside a DataLoader worker: a damaged shard becomes one {"error": message} item, which `_raise_relayed`
-    raises in the main process as the one line it is (the DataLoader would re-raise it with the worker's
-    whole traceback as its message)."""
+    """Inside a DataLoader worker: a damaged shard or an unreachable storage becomes one {"error": message}
+    item, which `_raise_relayed` raises in the main process as the one line it is (the DataLoader would
+    re-raise it with the worker's whole traceback as its message)."""
     try:
         yield from items
-    except CorruptShardError as error:
-        yield {"error": str(error)}
+    except (CorruptShardError, StorageError) as error:
+        yield {"error": str(error), "kind": type(error).__name__}
 
 
 def _raise_relayed(items) -> Iterator[dict]:
     for item in items:
         if "error" in item:
-            raise CorruptShardError(item["error"])
+            raise (StorageError if item["kind"] == StorageError.__name__ else CorruptShardError)(item["error"])
         yield item
 
 
@@ -133,7 +135,7 @@ def _check_rank(rank: int, world_size: int) -> None:
 class TrainPlan:
     """Everything one epoch of one rank's training stream depends on (picklable for the workers)."""
 
-    shards: tuple[str, ...]
+    shards: tuple[ShardFile, ...]
     counts: tuple[int, ...]
     image_format: str
     batch_size: int
@@ -148,6 +150,7 @@ class TrainPlan:
     keep: frozenset[str] | None = None  # the samples of the shards it may use (cross-validation); None: all
     # Expected copies of a sample of each class (data.balanced_sampling); None: every sample once.
     class_weights: tuple[float, ...] | None = None
+    fetching: Fetching = Fetching()  # how remote shards are read (cache folder, retries)
 
 
 def class_weights(class_counts: list[int]) -> tuple[float, ...]:
@@ -176,12 +179,32 @@ def _copies(samples: Iterator[dict], weights: tuple[float, ...], rng: np.random.
 
 
 def _kept(plan: TrainPlan, rng: np.random.Generator) -> Iterator[dict]:
-    """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless."""
+    """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless. In a
+    loader worker, a remote shard is fetched while the one before is read (`_next_draw` knows which it will be;
+    not with class copies, whose number the buffer's draws depend on)."""
     weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
+    reader = ShardReader(plan.fetching, ahead=get_worker_info() is not None and plan.class_weights is None)
+    position = 0  # samples yielded so far
     while True:
-        for sample in read_shard(Path(plan.shards[rng.choice(len(plan.shards), p=weights)])):
+        index = int(rng.choice(len(plan.shards), p=weights))
+        samples = reader.read(plan.shards[index])
+        if reader.fetches_ahead(plan.shards[index]):
+            reader.prefetch(plan.shards[_next_draw(rng, weights, plan, position, plan.counts[index])])
+        for sample in samples:
             if plan.keep is None or sample["__key__"] in plan.keep:
+                position += 1
                 yield sample
+
+
+def _next_draw(rng: np.random.Generator, weights: np.ndarray, plan: TrainPlan, position: int, count: int) -> int:
+    """The shard `_kept` draws after the current one (`count` selected samples, the first at stream position
+    `position`), by the same calls on a copy of the generator: between two shard draws, `shuffled_samples` draws one
+    buffer slot for each sample that finds its buffer full (positions from plan.shuffle_buffer on), and nothing
+    else."""
+    ahead = copy.deepcopy(rng)
+    for _ in range(max(0, position + count - max(position, plan.shuffle_buffer))):
+        ahead.integers(plan.shuffle_buffer)
+    return int(ahead.choice(len(plan.shards), p=weights))
 
 
 def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
@@ -258,34 +281,38 @@ def train_loader(shard_dir, data: DataConfig, batch_size: int, seed: int, epoch:
     """The training stream of the train split (less fold `data.fold` when cross-validating) for one epoch
     of one rank (see the module docstring)."""
     _check_rank(rank, world_size)
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, data.fetch_retries)  # mid-run: a lost connection is tried again
     check_compatible(manifest, data)
     selection = manifest.selection("train", data.fold)
     steps = steps_per_epoch(manifest, batch_size, world_size, data.fold)
     if not 0 <= start_batch <= steps:
         raise ValueError(f"start_batch {start_batch} is not in 0..{steps} (steps per epoch)")
-    check_shard_files(manifest, selection.shards)  # every rank draws from every train shard
+    check_shard_files(manifest, selection.shards, Fetching.of(data))  # every rank draws from every train shard
     workers = usable_workers(data.num_workers if num_workers is None else num_workers)
-    plan = TrainPlan(shards=tuple(str(manifest.folder / entry.file) for entry in selection.shards),
+    plan = TrainPlan(shards=tuple(manifest.shard_file(entry) for entry in selection.shards),
                      counts=tuple(selection.counts), image_format=manifest.image_format,
                      batch_size=batch_size, steps=steps, start_batch=start_batch, workers=max(workers, 1),
                      seed=seed, epoch=epoch, rank=rank, shuffle_buffer=data.shuffle_buffer,
                      augment=data.augment, keep=selection.keep,
                      # the train split's class counts: folds are stratified, so a fold selection has its shares
                      class_weights=class_weights(list(manifest.split_info("train").class_counts.values()))
-                     if data.balanced_sampling else None)
+                     if data.balanced_sampling else None, fetching=Fetching.of(data))
     return TrainLoader(plan, workers, _normaliser(data))
 
 
-def eval_batches(shards: list[str], image_format: str, batch_size: int, normalise,
-                 keep: frozenset[str] | None = None) -> Iterator[dict]:
+def eval_batches(shards: list[ShardFile], image_format: str, batch_size: int, normalise,
+                 keep: frozenset[str] | None = None, fetching: Fetching = Fetching()) -> Iterator[dict]:
     """Every sample of `shards` (in `keep`, when given) once, in order. Batches never cross a shard
     boundary (each shard's last batch may be partial), so a sample meets the same batch mates whatever the
     number of ranks and workers, and batch-dependent floating-point rounding cannot make results depend on
     them."""
-    for shard in shards:
+    reader = ShardReader(fetching, ahead=get_worker_info() is not None)  # the next shard downloads meanwhile
+    for index, shard in enumerate(shards):
         pending: list[dict] = []
-        for sample in read_shard(Path(shard)):
+        samples = reader.read(shard)
+        if index + 1 < len(shards):
+            reader.prefetch(shards[index + 1])
+        for sample in samples:
             if keep is not None and sample["__key__"] not in keep:
                 continue
             pending.append(sample)
@@ -303,25 +330,27 @@ def _eval_batch(samples: list[dict], image_format: str, normalise) -> dict:
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, worker_shards: list[list[str]], image_format: str, batch_size: int, normalise,
-                 keep: frozenset[str] | None):
+    def __init__(self, worker_shards: list[list[ShardFile]], image_format: str, batch_size: int, normalise,
+                 keep: frozenset[str] | None, fetching: Fetching):
         self.worker_shards, self.image_format = worker_shards, image_format
-        self.batch_size, self.normalise, self.keep = batch_size, normalise, keep
+        self.batch_size, self.normalise, self.keep, self.fetching = batch_size, normalise, keep, fetching
 
     def __iter__(self):
         info = get_worker_info()
         shards = self.worker_shards[info.id if info else 0]
-        return _relay_errors(eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep))
+        return _relay_errors(eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep,
+                                          self.fetching))
 
 
 class EvalLoader:
     """One rank's share of a split; `len()` is the number of batches it yields (possibly 0)."""
 
-    def __init__(self, worker_shards: list[list[str]], shard_counts: list[int], image_format: str,
-                 batch_size: int, normalise, in_processes: bool, keep: frozenset[str] | None = None):
+    def __init__(self, worker_shards: list[list[ShardFile]], shard_counts: list[int], image_format: str,
+                 batch_size: int, normalise, in_processes: bool, keep: frozenset[str] | None = None,
+                 fetching: Fetching = Fetching()):
         self.worker_shards, self.shard_counts = worker_shards, shard_counts
         self.image_format, self.batch_size, self.normalise = image_format, batch_size, normalise
-        self.keep = keep
+        self.keep, self.fetching = keep, fetching
         self.num_workers = len(worker_shards) if in_processes else 0
 
     def __len__(self) -> int:
@@ -330,8 +359,9 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
             shards = self.worker_shards[0] if self.worker_shards else []
-            return eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep)
-        stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise, self.keep)
+            return eval_batches(shards, self.image_format, self.batch_size, self.normalise, self.keep, self.fetching)
+        stream = _EvalStream(self.worker_shards, self.image_format, self.batch_size, self.normalise, self.keep,
+                             self.fetching)
         return _raise_relayed(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                          pin_memory=torch.cuda.is_available(), generator=_private_generator()))
 
@@ -344,12 +374,12 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    manifest = read_manifest(shard_dir)
+    manifest = read_manifest(shard_dir, data.fetch_retries)  # mid-run: a lost connection is tried again
     check_compatible(manifest, data)
     # Every rank checks the whole split, so that a damaged shard stops all ranks alike instead of leaving
     # the others waiting for the one that stopped.
     selection = manifest.selection(split, data.fold)
-    check_shard_files(manifest, selection.shards)
+    check_shard_files(manifest, selection.shards, Fetching.of(data))
     # Shards without a selected sample are left out before they are shared between ranks.
     filled = [(entry, count) for entry, count in zip(selection.shards, selection.counts) if count]
     entries, counts = [entry for entry, _ in filled[rank::world_size]], [count for _, count in filled[rank::world_size]]
@@ -360,7 +390,6 @@ def eval_loader(shard_dir, split: str, data: DataConfig, batch_size: int, rank: 
         warnings.warn(f"rank {rank} of {world_size} has {len(entries)} of the {selection.name} split's "
                       f"{len(selection.shards)} shards for {readers} reader(s); "
                       f"using {workers}. Re-shard with a smaller --shard-size to read in parallel", stacklevel=2)
-    folder = manifest.folder
-    worker_shards = [[str(folder / entry.file) for entry in entries[worker::workers]] for worker in range(workers)]
+    worker_shards = [[manifest.shard_file(entry) for entry in entries[worker::workers]] for worker in range(workers)]
     return EvalLoader(worker_shards, counts, manifest.image_format, batch_size, _normaliser(data),
-                      in_processes=requested > 0, keep=selection.keep)
+                      in_processes=requested > 0, keep=selection.keep, fetching=Fetching.of(data))

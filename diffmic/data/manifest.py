@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from . import storage
+from .storage import ShardFile, StorageError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -71,12 +73,17 @@ class Manifest:
     rejected: int
     tool: str
     source_root: str
-    path: Path = field(default=Path(), compare=False)  # the manifest file itself
+    path: Path | str = field(default=Path(), compare=False)  # the manifest file itself: a local path or a URL
     digest: str = field(default="", compare=False)  # sha256 of manifest.json's bytes
 
     @property
-    def folder(self) -> Path:
-        return self.path.parent
+    def folder(self) -> Path | str:
+        """The shard folder: a local path, or the URL of a remote one (storage.py)."""
+        return storage.parent(self.path)
+
+    def shard_file(self, entry: ShardEntry) -> ShardFile:
+        """Where one shard is and what it must hold, as the streams open it."""
+        return ShardFile(str(storage.join(self.folder, entry.file)), entry.sha256, entry.bytes)
 
     def split_info(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -84,8 +91,8 @@ class Manifest:
                                 f"Re-shard with a split of that name, or ask for one of those")
         return self.splits[name]
 
-    def shard_paths(self, name: str) -> list[Path]:
-        return [self.folder / entry.file for entry in self.split_info(name).shards]
+    def shard_paths(self, name: str) -> list[Path | str]:
+        return [storage.join(self.folder, entry.file) for entry in self.split_info(name).shards]
 
     @property
     def fold_count(self) -> int:
@@ -131,23 +138,24 @@ def write_manifest(manifest: Manifest, folder: Path) -> Path:
     return path
 
 
-def _reshard_hint(folder: Path, exists: bool = True) -> str:
+def _reshard_hint(folder: Path | str, exists: bool = True) -> str:
     return f"run `diffmic shard --dataset <layout> --out {folder}{' --overwrite' if exists else ''}` to " \
            f"{'re-create' if exists else 'create'} it"
 
 
-def read_manifest(shard_dir: str | Path) -> Manifest:
-    """Reads and checks `shard_dir/manifest.json` (or the manifest file itself)."""
-    path = Path(shard_dir)
-    if path.name != MANIFEST_NAME:
-        path = path / MANIFEST_NAME
-    folder = path.parent
-    if not folder.is_dir():
-        raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder, exists=False)}")
-    if not path.is_file():
-        raise ManifestError(f"{path} is missing, so {folder} is not a finished `diffmic shard` output "
-                            f"(an interrupted run leaves none): {_reshard_hint(folder)}")
-    raw = path.read_bytes()
+def verify_hint(folder: Path | str) -> str:
+    return (f"run `diffmic verify {folder}` for a full check, and re-create the shards with "
+            f"`diffmic shard ... --out {folder} --overwrite`")
+
+
+def read_manifest(shard_dir: str | Path, retries: int = 0) -> Manifest:
+    """Reads and checks `shard_dir/manifest.json` (or the manifest file itself), in a local folder or at a URL.
+    `retries`: how often a remote read that lost its connection is tried again (the streams, mid-run)."""
+    path = storage.as_location(shard_dir)
+    if storage.basename(path) != MANIFEST_NAME:
+        path = storage.join(path, MANIFEST_NAME)
+    folder = storage.parent(path)
+    raw = _remote_manifest_bytes(path, retries) if storage.is_url(path) else _local_manifest_bytes(path)
     try:
         values = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -158,6 +166,36 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         raise ManifestError(f"{path} is damaged ({error}): {_reshard_hint(folder)}") from None
     manifest.path, manifest.digest = path, hashlib.sha256(raw).hexdigest()
     return manifest
+
+
+def _unfinished(path: Path | str) -> ManifestError:
+    return ManifestError(f"{path} is missing, so {storage.parent(path)} is not a finished `diffmic shard` output "
+                         f"(an interrupted run leaves none): {_reshard_hint(storage.parent(path))}")
+
+
+def _local_manifest_bytes(path: Path) -> bytes:
+    folder = path.parent
+    if not folder.is_dir():
+        raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder, exists=False)}")
+    if not path.is_file():
+        raise _unfinished(path)
+    return path.read_bytes()
+
+
+def _remote_manifest_bytes(url: str, retries: int) -> bytes:
+    """The manifest's bytes; a missing one is told apart from a missing folder and a missing bucket."""
+    try:
+        return storage.read_bytes(url, retries)
+    except FileNotFoundError:
+        pass
+    folder = storage.parent(url)
+    if storage.list_sizes(folder):
+        raise _unfinished(url)
+    if storage.bucket_missing(url):
+        bucket = storage.bucket_of(url)
+        raise StorageError(f"{folder}: the bucket {bucket!r} does not exist at this endpoint: create it, or fix the "
+                           f"URL (and the endpoint: {storage.ENDPOINT_HINTS.get(storage.scheme(url), 'check it')})")
+    raise ManifestError(f"shard folder {folder} does not exist: {_reshard_hint(folder, exists=False)}")
 
 
 def _typed(values: dict, key: str, kind: type | tuple[type, ...]):

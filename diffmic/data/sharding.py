@@ -1,7 +1,9 @@
 """`diffmic shard`: a dataset layout in, verified WebDataset shards and a manifest out.
 
 Everything is written into a temporary folder beside OUT and renamed into place only once the manifest is
-complete, so a killed run never leaves shards that look finished. Images are decoded, cropped, resized
+complete, so a killed run never leaves shards that look finished. An OUT that is a URL (s3://bucket/prefix)
+gets the finished folder's files uploaded, the manifest last (and an old manifest removed first), so a
+half-written upload is never taken for a shard folder either. Images are decoded, cropped, resized
 and encoded by a process pool; the main process writes the tars in a fixed order, so the bytes do not
 depend on the number of workers.
 """
@@ -15,6 +17,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import __version__
+from . import storage
 from .images import encode_image, preprocess_image
 from .layouts import LAYOUTS, Layout
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_manifest
@@ -46,7 +50,7 @@ class ShardOptions:
 
     dataset: str  # the layout's name (layouts.py)
     root: Path | None = None  # default: the layout's
-    out: Path | None = None  # default shards/<name>
+    out: Path | str | None = None  # default shards/<name>; a URL (s3://bucket/prefix) uploads there
     name: str | None = None  # default: the --out folder's name, else the dataset
     size: int | None = None  # default: the layout's
     image_format: str = "jpg"
@@ -67,8 +71,8 @@ class ShardOptions:
         if self.dataset not in LAYOUTS:
             raise ShardError(f"unknown dataset layout {self.dataset!r}; choose one of {', '.join(LAYOUTS)}")
         layout = self.layout
-        self.name = self.name or (Path(self.out).name if self.out else self.dataset)
-        self.out = Path(self.out) if self.out else Path("shards") / self.name
+        self.name = self.name or (storage.basename(self.out) if self.out else self.dataset)
+        self.out = storage.as_location(self.out) if self.out else Path("shards") / self.name
         if layout.root is None and self.root is not None:
             raise ShardError(f"--root does not apply to {self.dataset}, which reads no files: {layout.summary}")
         if layout.root is not None:
@@ -124,7 +128,6 @@ def shard_dataset(options: ShardOptions, progress: ProgressCallback | None = Non
             f"no val split: --val-fraction {options.val_fraction} of {len(splits['train'])} training images rounds "
             f"to none in every class, and training validates on val by default; shard again with a larger "
             f"--val-fraction (e.g. 0.2) and --overwrite, or train with --set train.val_every=0"), stacklevel=2)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
     work = make_work_folder(options.out)
     try:
         infos, rejected = encode_splits(splits, source.classes, work, options, progress)
@@ -144,9 +147,13 @@ def shard_dataset(options: ShardOptions, progress: ProgressCallback | None = Non
     return read_manifest(options.out)
 
 
-def make_work_folder(out: Path) -> Path:
+def make_work_folder(out: Path | str) -> Path:
     """A fresh hidden folder beside OUT (same file system, so the final rename is atomic), created with
-    the user's umask rather than mkdtemp's 0700: the published shards must be readable by the team."""
+    the user's umask rather than mkdtemp's 0700: the published shards must be readable by the team. For a
+    URL, a temporary folder of this machine, from which the files are uploaded."""
+    if storage.is_url(out):
+        return Path(tempfile.mkdtemp(prefix="diffmic-shard-"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     while True:
         work = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -156,7 +163,10 @@ def make_work_folder(out: Path) -> Path:
             continue
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path | str, overwrite: bool) -> None:
+    if storage.is_url(out):
+        check_remote_output(out, overwrite)
+        return
     if out.exists() and not out.is_dir():
         raise ShardError(f"{out} is a file, not a folder: choose another --out")
     if not out.exists() or not any(out.iterdir()):
@@ -166,6 +176,22 @@ def check_output(out: Path, overwrite: bool) -> None:
     if not (out / MANIFEST_NAME).is_file():
         raise ShardError(f"refusing to overwrite {out}: it holds no {MANIFEST_NAME}, so it is not a diffmic "
                          f"shard folder; remove it yourself or choose another --out")
+
+
+def check_remote_output(out: str, overwrite: bool) -> None:
+    """The same rules at a URL: an empty prefix, or with --overwrite one that holds a diffmic manifest."""
+    if storage.bucket_missing(out):
+        raise ShardError(f"{out}: the bucket {storage.bucket_of(out)!r} does not exist at this endpoint: create "
+                         f"it first, or fix the URL (and the endpoint the storage client finds)")
+    found = storage.list_sizes(out)
+    if not found:
+        return
+    if not overwrite:
+        raise ShardError(f"{out} already holds {len(found)} object(s): pass --overwrite to replace a shard folder "
+                         f"there, or choose another --out")
+    if MANIFEST_NAME not in found:
+        raise ShardError(f"refusing to overwrite {out}: it holds no {MANIFEST_NAME}, so it is not a diffmic shard "
+                         f"folder; remove its objects yourself or choose another --out")
 
 
 def require_every_class(records: list[Record], classes: list[str], when: str) -> None:
@@ -242,7 +268,7 @@ def describe_problems(problems: list[Problem], options: ShardOptions) -> str:
     where = options.root if options.root is not None else options.dataset
     return (f"{len(problems)} problem(s) in {where}; nothing was written:\n" + "\n".join(shown) + "\n"
             f"Fix these inputs, or pass --skip-bad to leave them out (each is then listed with its reason in "
-            f"{options.out / REJECTED_NAME}).")
+            f"{storage.join(options.out, REJECTED_NAME)}).")
 
 
 def write_rejected(path: Path, problems: list[Problem]) -> None:
@@ -272,9 +298,12 @@ def build_manifest(options: ShardOptions, source: SourceData, splits: dict[str, 
         source_root=str(options.root.resolve()) if options.root is not None else source.origin)
 
 
-def publish(work: Path, out: Path, overwrite: bool) -> None:
+def publish(work: Path, out: Path | str, overwrite: bool) -> None:
     """Renames the finished folder into place; an old OUT is moved aside first and removed last, so OUT
     is at every moment either the old complete output, absent, or the new complete output."""
+    if storage.is_url(out):
+        upload(work, out, overwrite)
+        return
     if out.exists():
         check_output(out, overwrite)
         retired = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -283,3 +312,22 @@ def publish(work: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(work, out)
+
+
+def upload(work: Path, out: str, overwrite: bool) -> None:
+    """Uploads the finished folder to OUT: an old manifest is removed first, the shards are put, objects the new
+    folder does not have are removed, and the manifest is put last. A reader meanwhile finds no manifest, and
+    so a folder that is not finished; the work folder is removed either way."""
+    try:
+        check_remote_output(out, overwrite)
+        old = storage.list_sizes(out)
+        if MANIFEST_NAME in old:
+            storage.remove(storage.join(out, MANIFEST_NAME))
+        files = sorted(path for path in work.iterdir() if path.name != MANIFEST_NAME)
+        for path in files:
+            storage.upload_file(path, storage.join(out, path.name))
+        for stale in sorted(set(old) - {path.name for path in files} - {MANIFEST_NAME}):
+            storage.remove(storage.join(out, stale))
+        storage.upload_file(work / MANIFEST_NAME, storage.join(out, MANIFEST_NAME))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""WebDataset tar shards, written byte-for-byte reproducibly and read as a stream.
+"""WebDataset tar shards, written byte-for-byte reproducibly and read as a stream (`read_shard`, from a local
+folder or a URL).
 
 The format is WebDataset's (members `<key>.<ext>` grouped by key, `cls` as ASCII digits), so any
 WebDataset reader opens these shards. We write the tars with `tarfile` ourselves: fixed mtime, owner and
@@ -11,12 +12,14 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ..fileio import file_sha256
-from .manifest import ShardEntry
+from .manifest import CorruptShardError, ShardEntry, verify_hint
+from .storage import Fetching, ShardFile, StorageError, fetch_shard, is_url, parent
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
@@ -125,26 +128,115 @@ def iter_tar_files(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_shard_samples(path: Path) -> Iterator[dict[str, bytes | str]]:
-    """Yields each sample as {'__key__': key, extension: bytes, ...}. Raises ValueError naming the
-    shard when it is not a readable tar of consecutive <key>.<ext> members."""
+    """The samples of a local shard file (see `iter_samples`)."""
+    try:
+        with open(path, "rb", buffering=1 << 20) as handle:
+            yield from iter_samples(handle, str(path))
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+
+
+def iter_samples(handle: BinaryIO, name: str) -> Iterator[dict[str, bytes | str]]:
+    """Yields each sample of a tar stream as {'__key__': key, extension: bytes, ...}. Raises ValueError naming
+    the shard (`name`) when it is not a readable tar of consecutive <key>.<ext> members."""
     sample: dict = {}
     seen: set[str] = set()
     try:
-        with open(path, "rb", buffering=1 << 20) as handle:
-            for name, content in iter_tar_files(handle):
-                key, extension = split_member_name(name)
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    if key in seen:
-                        raise ValueError(f"key {key!r} appears twice")
-                    seen.add(key)
-                    sample = {"__key__": key}
-                sample[extension] = content
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable tar shard ({error})") from None
+        for member, content in iter_tar_files(handle):
+            key, extension = split_member_name(member)
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            if not sample:
+                if key in seen:
+                    raise ValueError(f"key {key!r} appears twice")
+                seen.add(key)
+                sample = {"__key__": key}
+            sample[extension] = content
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name} is not a readable tar shard ({error})") from None
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{name}: {error}") from None
     if sample:
         yield sample
+
+
+def open_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> BinaryIO:
+    """The one way the streams open a shard, checked against its manifest entry: a local file (hashed before the
+    streams start, `verify.check_shard_files`), or a remote object hashed as it streams in (storage.py)."""
+    if is_url(shard.location):
+        return fetch_shard(shard, fetching)
+    return open(shard.location, "rb", buffering=1 << 20)
+
+
+def read_shard(shard: ShardFile, fetching: Fetching = Fetching()) -> Iterator[dict]:
+    """The samples of one shard for the training and eval streams. A shard that is missing, differs from the
+    manifest or does not read as a tar (truncated, damaged header) is a CorruptShardError of one line; a storage
+    that cannot be reached is a StorageError of one line."""
+    return _samples(shard, lambda: open_shard(shard, fetching))
+
+
+def _samples(shard: ShardFile, opener: Callable[[], BinaryIO]) -> Iterator[dict]:
+    hint = verify_hint(parent(shard.location))
+    try:
+        with opener() as handle:
+            yield from iter_samples(handle, shard.location)
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise CorruptShardError(f"{shard.location}: missing; {hint}") from None
+    except OSError as error:
+        raise CorruptShardError(f"{shard.location} is not a readable tar shard ({error}); {hint}") from None
+    except ValueError as error:  # ChecksumMismatch, or a damaged tar (its message names the shard)
+        said = str(error) if str(error).startswith(shard.location) else f"{shard.location}: {error}"
+        raise CorruptShardError(f"{said}; {hint}") from None
+
+
+class ShardReader:
+    """Reads the shards of one stream in turn. With `ahead`, `prefetch(shard)` starts fetching the remote shard the
+    stream will read next in a thread, so that its download overlaps the work on the current one (each loader
+    worker otherwise waits for every shard it draws). A shard is still checked in full before any of its samples
+    is used, and a wrong guess costs only its download."""
+
+    def __init__(self, fetching: Fetching, ahead: bool):
+        self.fetching, self.ahead = fetching, ahead
+        self._fetched: _Fetch | None = None
+
+    def fetches_ahead(self, shard: ShardFile) -> bool:
+        return self.ahead and is_url(shard.location)
+
+    def prefetch(self, shard: ShardFile) -> None:
+        if self.fetches_ahead(shard):
+            self._fetched = _Fetch(shard, self.fetching)
+
+    def read(self, shard: ShardFile) -> Iterator[dict]:
+        """The samples of `shard`, from its fetch ahead when that was for it; claimed now, read lazily."""
+        fetched, self._fetched = self._fetched, None
+        if fetched is not None and fetched.shard == shard:
+            return _samples(shard, fetched.result)
+        return read_shard(shard, self.fetching)
+
+
+class _Fetch:
+    """open_shard in a daemon thread: a loader worker leaves by os._exit, so nothing waits for a guess in flight."""
+
+    def __init__(self, shard: ShardFile, fetching: Fetching):
+        self.shard = shard
+        self._done = threading.Event()
+        self._handle: BinaryIO | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(fetching,), daemon=True, name="diffmic-fetch-ahead").start()
+
+    def _run(self, fetching: Fetching) -> None:
+        try:
+            self._handle = open_shard(self.shard, fetching)
+        except BaseException as error:  # noqa: BLE001 - raised where the shard is read, as a direct fetch would
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self) -> BinaryIO:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._handle

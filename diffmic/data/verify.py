@@ -1,73 +1,58 @@
-"""`diffmic verify`: re-reads a shard folder against its manifest and names every problem found; and the
-quick check (size and sha256 of each shard) that every process reading shards runs first.
+"""`diffmic verify`: re-reads a shard folder (local or at a URL) against its manifest and names every problem
+found; and the quick check that every process reading shards runs first (`check_shard_files`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from .manifest import CorruptShardError, Manifest, ShardEntry, read_manifest
-from .shardio import file_sha256, iter_shard_samples
+from . import storage
+from .manifest import CorruptShardError, Manifest, ShardEntry, read_manifest, verify_hint
+from .shardio import iter_samples
+from .storage import Fetching, ShardFile
 
 EXPECTED_MEMBERS = ("cls", "json")
-# Shards whose size and sha256 matched in this process: (size, mtime, inode) then, and the sha256 matched.
-_MATCHED: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
 
-def verify_hint(folder: Path) -> str:
-    return (f"run `diffmic verify {folder}` for a full check, and re-create the shards with "
-            f"`diffmic shard ... --out {folder} --overwrite`")
-
-
-def file_problems(path: Path, entry: ShardEntry, stat: os.stat_result | None) -> list[str]:
-    """What is wrong with one shard file as a file (missing, size, sha256), against its manifest entry."""
-    if stat is None:
-        return ["missing"]
-    problems = []
-    if stat.st_size != entry.bytes:
-        problems.append(f"{stat.st_size} bytes, the manifest says {entry.bytes}")
-    if file_sha256(path) != entry.sha256:
-        problems.append("sha256 differs from the manifest (the file changed or is corrupt)")
-    return problems
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    """The file's status, None when it is missing or is not a regular file."""
-    return path.stat() if path.is_file() else None
-
-
-def check_shard_files(manifest: Manifest, entries: list[ShardEntry]) -> None:
-    """Raises CorruptShardError for the first shard of `entries` whose size or sha256 differs from the
-    manifest, before this process reads it. A shard that matched is hashed again only once its size, mtime
-    or inode change, so each later epoch's loader costs a stat per shard. The first check reads every byte
-    once: `python benchmarks/data.py` measures 0.011 s for 8.8 MB of HAM10000-like shards on 2 cores, 0.8%
-    of one epoch of the training stream."""
+def check_shard_files(manifest: Manifest, entries: list[ShardEntry],
+                      fetching: Fetching = Fetching(retries=0)) -> None:
+    """Raises CorruptShardError for the first shard of `entries` whose file or object does not match the
+    manifest, before the streams read any. Local: size and sha256 (the first check reads every byte once:
+    `python benchmarks/data.py` measures 0.011 s for 8.8 MB of HAM10000-like shards on 2 cores, 0.8% of one
+    epoch of the training stream; later loaders cost a stat per shard). Remote: see `_check_remote`."""
+    if storage.is_url(manifest.folder):
+        _check_remote(manifest, entries, fetching)
+        return
     for entry in entries:
-        path = manifest.folder / entry.file
-        stat = _stat(path)
-        seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if seen is not None and _MATCHED.get(path) == (seen, entry.sha256):
-            continue
-        problems = file_problems(path, entry, stat)
+        shard = manifest.shard_file(entry)
+        problems = storage.local_copy_matches(Path(shard.location), shard)
         if problems:
-            raise CorruptShardError(f"{path}: {problems[0]}; {verify_hint(manifest.folder)}")
-        _MATCHED[path] = (seen, entry.sha256)
+            raise CorruptShardError(f"{shard.location}: {problems[0]}; {verify_hint(manifest.folder)}")
 
 
-def read_shard(path: Path) -> Iterator[dict]:
-    """The samples of one shard for the training and eval streams; a tar that does not read (truncated,
-    damaged header) is a CorruptShardError of one line."""
-    try:
-        yield from iter_shard_samples(path)
-    except ValueError as error:
-        raise CorruptShardError(f"{error}; {verify_hint(path.parent)}") from None
+def _check_remote(manifest: Manifest, entries: list[ShardEntry], fetching: Fetching) -> None:
+    """One listing checks that every object is there with its size; its sha256 is checked as it streams in
+    (shardio.open_shard). Copies already in the cache are hashed here, once per process, so that the loader
+    workers (forked from here) know them and a later epoch costs a stat per shard, as for a local folder."""
+    sizes = storage.list_sizes(manifest.folder, fetching.retries)
+    for entry in entries:
+        shard = manifest.shard_file(entry)
+        size = sizes.get(entry.file)
+        if size is None:  # not listed, or listed without its size: ask for the object itself
+            size = storage.object_size(shard.location, fetching.retries)
+        if size != entry.bytes:
+            problem = "missing" if size is None else f"{size} bytes, the manifest says {entry.bytes}"
+            raise CorruptShardError(f"{shard.location}: {problem}; {verify_hint(manifest.folder)}")
+        if fetching.cache_dir:  # a stale copy is fetched again when it is read
+            storage.local_copy_matches(storage.cache_path(shard.location, fetching.cache_dir), shard)
 
 
 def verify_shards(shard_dir: str | Path, progress: Callable[[int, int], None] | None = None) -> list[str]:
@@ -77,7 +62,7 @@ def verify_shards(shard_dir: str | Path, progress: Callable[[int, int], None] | 
     manifest = read_manifest(shard_dir)
     problems: list[str] = []
     listed = {entry.file for info in manifest.splits.values() for entry in info.shards}
-    for stray in sorted(path.name for path in manifest.folder.glob("*.tar") if path.name not in listed):
+    for stray in sorted(name for name in _tar_names(manifest.folder) if name not in listed):
         problems.append(f"{stray}: a shard the manifest does not list (left from another run?)")
     done, total = 0, sum(info.count for info in manifest.splits.values())
     for name, info in manifest.splits.items():
@@ -100,22 +85,48 @@ def verify_shards(shard_dir: str | Path, progress: Callable[[int, int], None] | 
     return problems
 
 
+def _tar_names(folder: Path | str) -> list[str]:
+    if storage.is_url(folder):
+        return [name for name in storage.list_sizes(folder) if name.endswith(".tar")]
+    return [path.name for path in Path(folder).glob("*.tar")]
+
+
 def _verify_shard(manifest: Manifest, entry: ShardEntry, problems: list[str]) -> list[tuple[str, int | None]]:
-    """(key, label) of each sample read from one shard; its problems are appended to `problems`."""
-    path = manifest.folder / entry.file
-    stat = _stat(path)
-    problems += [f"{entry.file}: {problem}" for problem in file_problems(path, entry, stat)]
-    if stat is None:
+    """(key, label) of each sample read from one shard; its problems are appended to `problems`. A remote shard
+    is fetched once: its checksum is computed on the way in, and the samples are read from those bytes."""
+    shard = manifest.shard_file(entry)
+    handle = _open_for_verify(shard, entry, problems)
+    if handle is None:
         return []
     found: list[tuple[str, int | None]] = []
     try:
-        for sample in iter_shard_samples(path):
-            found.append((sample["__key__"], _check_sample(manifest, entry.file, sample, problems)))
+        with handle:
+            for sample in iter_samples(handle, entry.file):
+                found.append((sample["__key__"], _check_sample(manifest, entry.file, sample, problems)))
     except ValueError as error:
         problems.append(f"{entry.file}: unreadable after {len(found)} samples ({error})")
     if len(found) != entry.count:
         problems.append(f"{entry.file}: {len(found)} samples, the manifest says {entry.count}")
     return found
+
+
+def _open_for_verify(shard: ShardFile, entry: ShardEntry, problems: list[str]) -> BinaryIO | None:
+    """The shard's bytes to read samples from, its file problems appended; None when there is nothing to read."""
+    if not storage.is_url(shard.location):
+        path = Path(shard.location)
+        stat = path.stat() if path.is_file() else None
+        problems += [f"{entry.file}: {problem}" for problem in storage.file_problems(path, shard, stat)]
+        return None if stat is None else open(path, "rb", buffering=1 << 20)
+    try:
+        data = storage.read_bytes(shard.location)
+    except FileNotFoundError:
+        problems.append(f"{entry.file}: missing")
+        return None
+    if len(data) != entry.bytes:
+        problems.append(f"{entry.file}: {len(data)} bytes, the manifest says {entry.bytes}")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        problems.append(f"{entry.file}: sha256 differs from the manifest (the object changed or is corrupt)")
+    return io.BytesIO(data)
 
 
 def _check_sample(manifest: Manifest, shard: str, sample: dict, problems: list[str]) -> int | None:

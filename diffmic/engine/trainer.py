@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..checkpoint import (
     without_pretrained,
 )
 from ..config import Config, ConfigError
-from ..data import read_manifest, steps_per_epoch, train_loader
+from ..data import as_location, read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
 from ..errors import NonFiniteLossError, PretrainedWeightsError
 from ..models import build_model
@@ -90,7 +91,7 @@ class TrainResult:
 
 
 # How the caller's facts read in the run banner (run.json keeps the keys as they are).
-BANNER_LABELS = {"config_file": "config"}
+BANNER_LABELS = {"config_file": "config", "hosts": "ranks on"}
 
 class StopSignal:
     """SIGTERM / SIGUSR2 ask the run to finish its step, save and exit 0 (Slurm preemption)."""
@@ -119,7 +120,7 @@ class Trainer:
     def __init__(self, config: Config, shard_dir: str | Path, run_dir: str | Path | None, progress: bool = True,
                  resume: bool = True, allow_changes: Iterable[str] = (), facts: dict | None = None):
         self.config, self.train_cfg = config, config.train
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = as_location(shard_dir)  # a URL stays a string
         self.manifest = read_manifest(self.shard_dir)
         check_shards(self.manifest, config.data)
         self.accelerator = acc = training_accelerator(self.train_cfg)
@@ -204,6 +205,7 @@ class Trainer:
         # Every rank has read its own checkpoint files (rng-<rank>, its DeepSpeed partition) before rank 0 writes:
         # a file only rank 1 reads and refuses must not leave a session in run.json or cut metrics.jsonl.
         acc.wait_for_everyone()
+        self.facts["hosts"] = self._rank_hosts()
         if self.is_main:
             facts = {"world_size": self.world, "global_batch": global_batch, "batch_per_device": cfg.batch_size,
                      "grad_accum": cfg.grad_accum, "mixed_precision": mixed_precision,
@@ -226,6 +228,14 @@ class Trainer:
                 self.print("[bold yellow]model selection uses the TEST split (the authors' protocol): "
                            "its test scores are optimistic[/]")
         acc.wait_for_everyone()
+
+    def _rank_hosts(self) -> str:
+        """`0:node-a 1:node-b`: where each rank runs, for the banner and run.json (a multi-node run started by hand,
+        with torchrun or accelerate, has no other record of it). Collective."""
+        from accelerate.utils import gather_object
+
+        hosts = gather_object([socket.gethostname()]) if self.world > 1 else [socket.gethostname()]
+        return " ".join(f"{rank}:{host}" for rank, host in enumerate(hosts))
 
     def _session(self) -> dict:
         session = {"mode": self.start.mode, "processes": self.world}

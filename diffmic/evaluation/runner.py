@@ -21,7 +21,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..accelerator import inference_precision, make_accelerator
 from ..config import EvalConfig
-from ..data import eval_loader, read_manifest
+from ..data import as_location, eval_loader, read_manifest
 from ..data.images import IMAGE_SUFFIXES
 from ..diffusion.uncertainty import MEASURES, available_measures, top_label_uncertainty
 from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
@@ -74,11 +74,11 @@ def check_shards_fit(manifest, info: ckpt.Checkpoint) -> None:
                               f"re-shard with --size {size}")
 
 
-def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: Path | None) -> Path:
+def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: str | Path | None) -> str | Path:
     if shards is not None:
-        return Path(shards)
+        return as_location(shards)
     if info.shards:
-        return Path(info.shards)
+        return as_location(info.shards)
     raise CheckpointError(f"the checkpoint of {run_dir} does not say which shards it used; pass --shards")
 
 

@@ -43,7 +43,9 @@ class TrainJob:
 
     def absolute(self) -> TrainJob:
         """The same job with absolute paths, for processes that may start in another folder."""
-        return replace(self, shards=_absolute(self.shards), run_dir=_absolute(self.run_dir))
+        from ..data.storage import absolute_location
+
+        return replace(self, shards=absolute_location(self.shards), run_dir=_absolute(self.run_dir))
 
     def run(self, progress: bool = True, announce: bool = True) -> dict:
         """Trains; the main process ends with the run's summary line when `announce`."""
@@ -78,8 +80,10 @@ class EvalJob:
         return cls(**{**values, "settings": EvalConfig(**settings) if settings is not None else None})
 
     def absolute(self) -> EvalJob:
+        from ..data.storage import absolute_location
+
         return replace(self, run_dir=_absolute(self.run_dir), out_dir=_absolute(self.out_dir),
-                       shards=_absolute(self.shards))
+                       shards=absolute_location(self.shards))
 
     def run(self, progress: bool = True, announce: bool = True) -> dict:
         """Evaluates; the main process ends with the metrics table and the files written when `announce`."""

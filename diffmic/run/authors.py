@@ -43,7 +43,7 @@ class ImportedRun:
 
 
 def import_reference(ckpt: Path, aux_ckpt: Path, config: Config, out: Path, config_file: Path | None = None,
-                     shards: Path | None = None, classes: list[str] | None = None) -> ImportedRun:
+                     shards: str | Path | None = None, classes: list[str] | None = None) -> ImportedRun:
     """The authors' two files (`ckpt`: the denoiser and its EMA, `aux_ckpt`: the DCG), mapped onto the model of
     `config`, as the new run folder `out`. The class names come from `classes`, else the shard folder (whose
     manifest hash is recorded, so that eval finds it), else the dataset's known names."""
@@ -71,10 +71,10 @@ def import_reference(ckpt: Path, aux_ckpt: Path, config: Config, out: Path, conf
     return ImportedRun(folder, checkpoint, len(imported.model), imported.ema is not None, config.eval.use_ema)
 
 
-def class_list(config: Config, shards: Path | None, classes: list[str] | None) -> tuple[list[str], dict]:
+def class_list(config: Config, shards: str | Path | None, classes: list[str] | None) -> tuple[list[str], dict]:
     """(class names, data provenance). A shard folder gives both its names and its manifest hash, so that
     `diffmic eval` finds the shards without --shards; else `classes`, else the dataset's known names."""
-    from ..data import read_manifest, shard_dir_for
+    from ..data import absolute_location, as_location, is_url, read_manifest, shard_dir_for
     from ..data.loaders import check_compatible
 
     if classes is not None:
@@ -82,11 +82,12 @@ def class_list(config: Config, shards: Path | None, classes: list[str] | None) -
             raise UserError(f"--classes lists {len(classes)} distinct name(s) but data.num_classes is "
                             f"{config.data.num_classes}")
         return list(classes), {}
-    folder = Path(shards) if shards is not None else Path(shard_dir_for(config.data))
-    if shards is not None or (folder / "manifest.json").is_file():
+    folder = as_location(shards if shards is not None else shard_dir_for(config.data))
+    # The config's own local folder counts only when it holds shards; a URL is read (and must be there).
+    if shards is not None or is_url(folder) or (folder / "manifest.json").is_file():
         manifest = read_manifest(folder)
         check_compatible(manifest, config.data)
-        return list(manifest.classes), {"shards": str(folder.resolve()), "manifest_sha256": manifest.digest}
+        return list(manifest.classes), {"shards": absolute_location(folder), "manifest_sha256": manifest.digest}
     return known_classes(config), {}
 
 
