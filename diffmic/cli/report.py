@@ -19,6 +19,8 @@ def write_curves(run: Path) -> Path:
         raise UserError(f"{run} has no metrics.jsonl: is it a run folder made by `diffmic train`?")
     try:
         return draw_run_curves(folder)
+    except UserError:  # a damaged metrics.jsonl: its own message names the line
+        raise
     except ValueError as error:
         raise UserError(f"{run}: {error}; try again after the first logging interval (train.log_every steps)") from None
 

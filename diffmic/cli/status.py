@@ -14,7 +14,7 @@ def status_command(
     run_argument: Path = typer.Argument(None, metavar="RUN", help="Run folder of a job submitted with --slurm."),
     run_option: Path = typer.Option(None, "--run", help="The same, spelt as in eval and predict."),
 ) -> None:
-    """Show a run's Slurm jobs and last metrics, or every run of a sweep; non-zero exit if one failed.
+    """Show a run's Slurm jobs (if any) and last metrics, or every run of a sweep; non-zero exit if one failed.
 
     Examples:
       diffmic status runs/ham10000-20261125-101500
@@ -35,7 +35,13 @@ def status_command(
             raise UserError(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
         return
 
+    folder = RunFolder(run)
     records = job_records(run)
+    if not records and not folder.metrics_file.is_file() and not folder.record_file.is_file():
+        raise UserError(f"{run} is neither a run folder (no run.json or metrics.jsonl) nor a sweep folder (no "
+                        f"sweep.json); pass the folder `diffmic train` or `diffmic sweep` wrote")
+    if not records:
+        console.print(f"{run}: no Slurm job recorded (it ran here)", highlight=False)
     failed = []
     for record in records:
         state = job_state(record)
@@ -54,7 +60,7 @@ def status_command(
         last = validation[-1]
         console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
                       f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
-    curves = RunFolder(run).curves_file
+    curves = folder.curves_file
     console.print(f"training curves: {curves} (redraw with: diffmic report {run})" if curves.is_file()
                   else f"training curves: draw them with: diffmic report {run}", highlight=False)
     if failed:
