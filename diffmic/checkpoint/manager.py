@@ -49,6 +49,7 @@ class Start:
     mode: str = "fresh"
     checkpoint: ckpt.Checkpoint | None = None
     changes: dict = field(default_factory=dict)  # {key: (checkpoint's value, this run's)} accepted
+    passed_over: list[Path] = field(default_factory=list)  # newer step-N folders without a COMPLETE record
 
     @property
     def step(self) -> int:
@@ -68,10 +69,13 @@ def choose_start(run_dir: Path, config: Config, classes: list[str], manifest_sha
         changes = check_resumable(checkpoint, config, classes, manifest_sha256, world_size, allowed)
         return Start("resume", checkpoint, changes)
     candidates = everything + ([best] if (best := _best_checkpoint(run_dir)) is not None else [])
+    # A save cut short between its rename and its record, or a record deleted: said by name, since what the run starts
+    # from then (the best weights, or nothing) is not where its training stopped.
+    passed_over = ckpt.unrecorded_folders(run_dir)
     if candidates:
         checkpoint = ckpt.verify(max(candidates, key=lambda candidate: candidate.step))
-        return Start("fine-tune", checkpoint, check_fits(checkpoint, config, classes))
-    return Start()
+        return Start("fine-tune", checkpoint, check_fits(checkpoint, config, classes), passed_over)
+    return Start(passed_over=passed_over)
 
 
 def _best_checkpoint(run_dir: Path) -> ckpt.Checkpoint | None:

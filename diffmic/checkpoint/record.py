@@ -197,6 +197,13 @@ def complete_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
+def unrecorded_folders(run_dir: str | Path) -> list[Path]:
+    """step-N folders without a COMPLETE record (a save killed after its rename, or the record deleted)."""
+    root = checkpoint_root(run_dir)
+    return sorted(folder for folder in (root.glob("step-*") if root.is_dir() else [])
+                  if _step_of(folder, "step-") is not None and not (folder / MARKER).exists())
+
+
 def best_record(run_dir: str | Path) -> dict | None:
     """best.json: {"step", "metric", "score", "split"}; None before the first validation."""
     path = checkpoint_root(run_dir) / BEST_FILE
@@ -237,8 +244,9 @@ def find_checkpoint(run_dir: str | Path, which: str = "last", read: Iterable[str
             raise CheckpointError(f"{run_dir} has no best checkpoint yet (no validation ran); use --checkpoint last")
         best = read_checkpoint(best_folder(run_dir, step))
         if best is None:
-            raise CheckpointError(f"{checkpoint_root(run_dir) / BEST_FILE} names best-{step}, which is not a "
-                                  f"complete checkpoint; use --checkpoint last")
+            raise CheckpointError(f"{checkpoint_root(run_dir) / BEST_FILE} names best-{step}, but "
+                                  f"{best_folder(run_dir, step) / MARKER} is missing, so it is not a complete "
+                                  f"checkpoint; use --checkpoint last")
         return verify(best, read)
     if not available:
         raise CheckpointError(f"{checkpoint_root(run_dir)} holds no complete checkpoint; train first "

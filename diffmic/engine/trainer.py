@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..checkpoint import (
+    MARKER,
     CheckpointManager,
     CheckpointPolicy,
     Start,
@@ -248,6 +249,9 @@ class Trainer:
 
     def _say_how_it_starts(self, cut_rows: int) -> None:
         start = self.start
+        for folder in start.passed_over:
+            self.print(f"[bold yellow]warning:[/] {folder / MARKER} is missing (a save cut short, or the file "
+                       f"deleted): {folder.name} is not used")
         if start.mode == "fine-tune":
             ema = " and EMA" if start.checkpoint.has_ema and self.ema is not None else ""
             self.print(f"fine-tuning from the weights{ema} of {start.checkpoint.path} (step {start.step}; it holds "
