@@ -123,22 +123,34 @@ def runs_of(paths: list[Path]) -> list[Path]:
     """Run folders from sweep folders (their runs, in plan order) and run folders (as given). A sweep with runs
     not yet evaluated is refused with the command that finishes it."""
     from ..launch.sweep import SWEEP_FILE, SweepPlan, is_done
+    from ..run import RunFolder
 
     found = []
     for path in paths:
         if (path / SWEEP_FILE).is_file():
             plan = SweepPlan.load(path)
-            unfinished = [run.name for run in plan.runs if not is_done(run, path)]
+            unfinished = [unfinished_run(run, path) for run in plan.runs if not is_done(run, path)]
             if unfinished:
                 raise UserError(f"{len(unfinished)} of the {len(plan.runs)} run(s) of {path} are not finished "
                                 f"({', '.join(unfinished[:4])}{', ...' if len(unfinished) > 4 else ''}); run the "
                                 f"sweep's command again to finish them: {plan.command}")
             found += [run.run_dir(path) for run in plan.runs]
+        elif (path / "runs").is_dir() and not RunFolder(path).config_file.exists():  # a sweep that lost its plan
+            raise UserError(f"{path / SWEEP_FILE} is missing, though {path} holds a sweep's runs; run the sweep's "
+                            f"command again (it rebuilds the plan from its runs' folders), or compare the runs "
+                            f"themselves: diffmic compare {path}/runs/*")
         elif path.is_dir():
             found.append(path)
         else:
             raise UserError(f"{path} does not exist; pass a sweep folder or run folders")
     return found
+
+
+def unfinished_run(run, sweep_dir: Path) -> str:
+    """A run that is not done, and why where it says finished (its evaluation is gone)."""
+    if run.status == "finished":
+        return f"{run.name}: {run.metrics_file(sweep_dir)} is missing"
+    return f"{run.name}: {run.shown_status()}"
 
 
 @app.command("compare")
