@@ -158,6 +158,18 @@ def test_a_save_that_cannot_fit_says_disk_full_and_keeps_the_previous_checkpoint
     assert not list(ckpt.checkpoint_root(manager.run_dir).glob(".*partial"))
 
 
+def test_the_space_a_save_needs_covers_moments_that_appeared_since_the_last_checkpoint(manager):
+    moments = manager.optimizer.optimizer.state
+    largest = max(moments, key=lambda parameter: parameter.numel())
+    held = moments.pop(largest)  # a warm-up checkpoint: this parameter has not trained yet, no moments
+    manager.save()
+    moments[largest] = held  # it trains now: a joint checkpoint is larger than the warm-up one
+    manager.state.step = 8
+    needed = manager._expected_bytes()
+    saved = ckpt.read_checkpoint(manager.save())
+    assert needed >= sum(saved.record["files"].values())
+
+
 def test_a_disk_that_fills_up_during_a_save_leaves_no_partial_folder(manager, monkeypatch):
     manager.save()
     manager.state.step = 8

@@ -39,6 +39,7 @@ from .files import (
 # Settings that cannot change on an exact resume even when named in allow_changes: the weights' shapes
 # and meaning (MODEL_KEYS) and the engine whose files the training state is in.
 FIXED_ON_RESUME = ("train.distributed",)
+HEADER_ALLOWANCE = 1 << 20  # the safetensors headers and JSON files of a checkpoint: a few kB each, 1 MiB in all
 
 
 @dataclass
@@ -242,12 +243,15 @@ class CheckpointManager:
 
     # --- disk space ---------------------------------------------------------------------------------
     def _expected_bytes(self) -> int:
-        """The size of the tensors held now, or of the last training checkpoint where that is larger. Not the last
-        checkpoint alone: a joint checkpoint is larger than a warm-up one (the denoiser's moments appear once it
-        trains), and an estimate below the real size would let a save start that cannot fit."""
+        """The tensors held now plus the last training checkpoint's other files (random generators, state), or that
+        whole checkpoint where it is larger. Not the last checkpoint alone: a joint checkpoint is larger than a
+        warm-up one (the denoiser's moments appear once it trains), and an estimate below the real size would let
+        a save start that cannot fit."""
         trained = [c for c in ckpt.complete_checkpoints(self.run_dir) if c.has_training_state]
-        last = sum(trained[-1].record["files"].values()) if trained else 0
-        return max(self._bytes_held_now(), last)
+        last = trained[-1].record["files"] if trained else {}
+        tensors = (ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE)
+        others = sum(size for name, size in last.items() if name not in tensors)
+        return max(self._bytes_held_now() + others + HEADER_ALLOWANCE, sum(last.values()))
 
     def _bytes_held_now(self) -> int:
         weights = sum(value.numel() * 4 for value in self.module.state_dict().values())
