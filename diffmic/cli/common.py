@@ -25,7 +25,7 @@ SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --se
 error_console = Console(stderr=True)
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
-__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command"]
+__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command", "warn"]
 
 
 def field_options(group: type, panel: str | None = None, unset: str | None = None) -> list[inspect.Parameter]:
@@ -107,6 +107,11 @@ def run_command(application: typer.Typer) -> None:
             error.show()
             sys.exit(error.exit_code)
         raise
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, as a user error is printed (the command goes on)."""
+    error_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def report_user_error(error: BaseException) -> None:

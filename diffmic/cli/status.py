@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import UserError, app, console
+from .common import UserError, app, console, warn
 
 
 @app.command("status")
@@ -21,13 +21,13 @@ def status_command(
       diffmic status --run runs/ham10000-20261125-101500
     """
     from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
-    from ..launch.sweep import SWEEP_FILE
+    from ..launch.sweep import looks_like_sweep
     from ..run import RunFolder, read_metrics
 
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
     run = run_argument or run_option
-    if (run / SWEEP_FILE).is_file():
+    if looks_like_sweep(run):
         from .sweep import print_sweep_status
 
         failed_runs = print_sweep_status(run)
@@ -49,7 +49,7 @@ def status_command(
                       highlight=False)
         if state not in UNFINISHED and state not in FINISHED_OK:
             failed.append(f"{record['kind']} job {record['job_id']} {state} (logs in {record['log_dir']})")
-    rows = read_metrics(run)
+    rows = read_metrics(run, warn)
     training = [row for row in rows if "loss" in row]
     validation = [row for row in rows if "split" in row]
     if training:

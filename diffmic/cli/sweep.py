@@ -122,12 +122,11 @@ def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, rep
 def runs_of(paths: list[Path]) -> list[Path]:
     """Run folders from sweep folders (their runs, in plan order) and run folders (as given). A sweep with runs
     not yet evaluated is refused with the command that finishes it."""
-    from ..launch.sweep import SWEEP_FILE, SweepPlan, is_done
-    from ..run import RunFolder
+    from ..launch.sweep import SweepPlan, is_done, looks_like_sweep
 
     found = []
     for path in paths:
-        if (path / SWEEP_FILE).is_file():
+        if looks_like_sweep(path):  # SweepPlan.load names a sweep.json that went missing
             plan = SweepPlan.load(path)
             unfinished = [unfinished_run(run, path) for run in plan.runs if not is_done(run, path)]
             if unfinished:
@@ -135,10 +134,6 @@ def runs_of(paths: list[Path]) -> list[Path]:
                                 f"({', '.join(unfinished[:4])}{', ...' if len(unfinished) > 4 else ''}); run the "
                                 f"sweep's command again to finish them: {plan.command}")
             found += [run.run_dir(path) for run in plan.runs]
-        elif (path / "runs").is_dir() and not RunFolder(path).config_file.exists():  # a sweep that lost its plan
-            raise UserError(f"{path / SWEEP_FILE} is missing, though {path} holds a sweep's runs; run the sweep's "
-                            f"command again (it rebuilds the plan from its runs' folders), or compare the runs "
-                            f"themselves: diffmic compare {path}/runs/*")
         elif path.is_dir():
             found.append(path)
         else:

@@ -65,7 +65,7 @@ def test_metrics_file(run_dir: Path) -> Path:
 def load_result(run_dir: Path) -> RunResult:
     config_file = RunFolder(run_dir).config_file
     if not config_file.is_file():
-        raise CompareError(f"{run_dir} has no config.yaml: is it a run folder made by `diffmic train`?")
+        raise CompareError(f"{config_file} is missing: is {run_dir} a run folder made by `diffmic train`?")
     try:
         values = yaml.safe_load(RunFolder(run_dir).read_config_text())
     except yaml.YAMLError as error:

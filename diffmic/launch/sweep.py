@@ -176,7 +176,8 @@ class SweepPlan:
     def load(cls, sweep_dir: Path) -> "SweepPlan":
         path = Path(sweep_dir) / SWEEP_FILE
         if not path.is_file():
-            raise SweepError(f"{sweep_dir} holds no {SWEEP_FILE}: is it a folder made by `diffmic sweep`?")
+            raise SweepError(f"{path} is missing: is {sweep_dir} a folder made by `diffmic sweep`? If it is, run the "
+                             f"sweep's command again: it rebuilds the plan from its runs' folders")
         values = read_sealed_json(path, PLAN_FIX)
         try:
             plan = cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
@@ -204,6 +205,13 @@ def _plan_problem(plan: SweepPlan) -> str:
         if problem:
             return f"run {run.name}: {problem}"
     return ""
+
+
+def looks_like_sweep(folder: Path) -> bool:
+    """A sweep folder, also one that lost its sweep.json: runs/ beside no config.yaml of a run of its own."""
+    folder = Path(folder)
+    return (folder / SWEEP_FILE).is_file() or ((folder / "runs").is_dir() and
+                                               not RunFolder(folder).config_file.exists())
 
 
 def merge_with_existing(sweep_dir: Path, plan: SweepPlan) -> SweepPlan:

@@ -9,6 +9,7 @@ a status or a resume never rests on a row that changed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Config, flatten
@@ -72,18 +73,17 @@ def tracker_parameters(config: Config, provenance: dict, facts: dict) -> dict:
             "run.classes": ",".join(provenance["classes"])}
 
 
-def read_metrics(run_dir: Path | RunFolder) -> list[dict]:
+def read_metrics(run_dir: Path | RunFolder, warn: Callable[[str], None] | None = None) -> list[dict]:
     """The rows of RUN/metrics.jsonl ([] before the first); RunFileError naming the file and line for a damaged one.
-    A last line without its end is refused too: a row goes out in one small append, so a reader meets a cut one only
-    where a training was killed while writing it (its resume drops it) or the file was truncated; showing the rows
-    before it would pass an old state off as the latest."""
+    A run that is still writing may end in a half-written line: it is left out (complete on the next read), and
+    said through `warn`, since a truncated file looks the same and its rows are then not the latest."""
     path = RunFolder(run_dir).metrics_file
     if not path.is_file():
         return []
     rows, complete = read_rows(path, with_tail=True)
-    if not complete:
-        raise RunFileError(f"{path} line {len(rows) + 1} is cut short (a training killed while writing it, or a "
-                           f"truncated file); resume the run, which drops that line, or {LOG_FIX}")
+    if not complete and warn is not None:
+        warn(f"{path} line {len(rows) + 1} is incomplete (a training writing it now, or a truncated file): the rows "
+             f"before it are shown")
     return rows
 
 
