@@ -8,6 +8,7 @@ YAML file plus dotted overrides (``model.dcg.k=4``), and a bad value fails at st
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -99,6 +100,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"got {value!r}, expected a number")
+        # No setting means anything at infinity, and a NaN compares false with every bound a section checks.
+        _require(math.isfinite(value), key, f"got {value!r}, expected a finite number")
         return float(value)
     if tp is str:
         _require(isinstance(value, str), key, f"got {value!r}, expected a string")
@@ -300,6 +303,8 @@ class TrainConfig(Section):
             _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0")
         for key in ("lr", "dcg_lr"):
             _require(getattr(self, key) > 0, key, f"got {getattr(self, key)}, expected > 0")
+        # Every generator is seeded from it, NumPy's included, which takes 0 .. 2**32 - 1 only.
+        _require(0 <= self.seed < 2**32, "seed", f"got {self.seed}, expected 0 .. {2**32 - 1}")
         for key in ("grad_clip", "dcg_grad_clip"):
             _require(getattr(self, key) >= 0, key, f"got {getattr(self, key)}, expected >= 0 (0 disables)")
         _require(0 <= self.ema_rate < 1, "ema_rate", f"got {self.ema_rate}, expected in [0, 1)")
@@ -462,7 +467,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(text, "an override must look like key.subkey=value")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:  # a stray quote, a tab, or a tag such as !!python/object (never constructed)
+        raise ConfigError(key, f"--set {text!r}: the value is not plain YAML ({yaml_problem(error)}); quote it, e.g. "
+                               f"--set '{key}=\"...\"'") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's many-line message as one line: what went wrong and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -506,7 +522,7 @@ def _read_yaml(path: Path, children: tuple[Path, ...] = (), chain: list[Path] | 
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError("", f"{path} is not valid YAML: {error}") from None
+        raise ConfigError("", f"{path} is not valid YAML: {yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ConfigError("", f"{path} must hold sections (data:, model:, ...), not a {type(values).__name__}")
     base = values.pop("base", None)

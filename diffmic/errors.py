@@ -5,6 +5,8 @@ exits with status 2, without a traceback (diffmic.cli.common). A new kind of use
 from it. Each also keeps the built-in base its callers catch (ValueError, RuntimeError).
 """
 
+import errno
+
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one message, exit status 2, no traceback."""
@@ -47,4 +49,30 @@ class DiskFullError(UserError, RuntimeError):
 
 
 class RunLockError(UserError, RuntimeError):
-    """Another process is training into the same run folder; the message names it."""
+    """Another process is training into the same run folder (or running the same sweep); the message names it."""
+
+
+class RunFileError(UserError, ValueError):
+    """A file of a run or sweep folder is damaged, was changed since diffmic wrote it, cannot be written, or is a
+    link that would make diffmic write outside the folder; the message names the file and the fix."""
+
+
+# What the file system says when it refuses a write, and what the user can do about it.
+_FILE_SYSTEM_FIXES = {
+    errno.EROFS: "the file system is read-only: write somewhere else (--out, --run-dir) or make it writable",
+    errno.EACCES: "permission denied: write somewhere else (--out, --run-dir) or make it writable",
+    errno.EPERM: "the operation is not permitted: write somewhere else (--out, --run-dir) or make it writable",
+    errno.EBUSY: "it is busy (a mount point, or in use by another program): write somewhere else",
+    errno.ENOSPC: "the disk is full: free some space and run the command again",
+    errno.EDQUOT: "the disk quota is exceeded: free some space and run the command again",
+}
+
+
+def file_system_error(error: OSError) -> UserError | None:
+    """The one-line user error of a file system refusal that names its file (read-only, permissions, a full disk,
+    a folder where a file belongs); None for an OSError without a file, which is not the user's to fix."""
+    if not error.filename:
+        return None
+    fix = _FILE_SYSTEM_FIXES.get(error.errno, "check that path")
+    target = f" -> {error.filename2}" if error.filename2 else ""
+    return RunFileError(f"cannot use {error.filename}{target}: {error.strerror or type(error).__name__}; {fix}")

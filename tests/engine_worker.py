@@ -54,9 +54,9 @@ def run_with_slow_saves(seconds: float, arguments: list[str]) -> None:
 
     finalise = record.finalise
 
-    def slow_finalise(partial, final, values):
+    def slow_finalise(partial, final, values, written):
         time.sleep(seconds)
-        return finalise(partial, final, values)
+        return finalise(partial, final, values, written)
 
     record.finalise = slow_finalise
     sys.argv = ["diffmic", *arguments]

@@ -182,10 +182,11 @@ def test_report_draws_the_curves_of_a_run_that_is_still_writing(tmp_path):
     result = diffmic_here(["report", str(run)])
     assert result.returncode == 0, result.stderr
     assert _png(run / "curves.png")[0] == "PNG"
+    assert f"line {len(ROWS) + 1} is incomplete" in " ".join(result.stderr.split())  # said, not silently dropped
 
 
 def test_report_on_a_folder_without_metrics_names_it(tmp_path):
     from engine_helpers import diffmic_here
 
     result = diffmic_here(["report", "--run", str(tmp_path)])
-    assert result.returncode == 2 and "has no metrics.jsonl" in result.stderr
+    assert result.returncode == 2 and f"{tmp_path / 'metrics.jsonl'} is missing" in " ".join(result.stderr.split())

@@ -14,6 +14,7 @@ import pytest
 from diffmic import checkpoint as ckpt
 from diffmic.cli.common import UserError
 from diffmic.cli.train import resolve_inputs
+from diffmic.fileio import file_sha256, sealed
 from engine_helpers import (
     REPO,
     TINY,
@@ -108,10 +109,12 @@ def test_a_pickle_planted_in_any_process_s_checkpoint_file_is_refused_naming_it(
         path = last.file(name)
         path.unlink()
         path.write_bytes(evil_torch_file(marker))
-        # The planter rewrote the record's size too: only the weights-only loader stands in the way.
+        # The planter rewrote the record's size and sha256 too, and sealed it again: only the weights-only loader
+        # stands in the way.
         record = json.loads(last.file(ckpt.MARKER).read_text())
         record["files"][name] = path.stat().st_size
-        last.file(ckpt.MARKER).write_text(json.dumps(record))
+        record["sha256"][name] = file_sha256(path)
+        last.file(ckpt.MARKER).write_text(json.dumps(sealed(record)))
         result = launch_worker(run_dir, digits_shards, deepspeed, "train.max_steps=5",
                                "--allow-changes=train.max_steps", check=False)
         said = " ".join(result.split())

@@ -315,6 +315,18 @@ def test_a_pickle_that_is_not_weights_only_is_refused(authors_states, tmp_path):
     assert "builds test_import_reference.NotAWeight" in message and "weights_only=True" in message
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"PK\x03\x04" + b"\0" * 60, b"\x80\x02}q\x00."],
+                         ids=["text", "a broken zip", "a pickled dict"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(content, authors_states, tmp_path):
+    ckpt, aux = save_pair(tmp_path / "pair", authors_states["denoiser"], authors_states["dcg"])
+    ckpt.write_bytes(content)
+    out = tmp_path / "out"
+    result = diffmic_here(import_args(ckpt, aux, out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not out.exists(), result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert f"refusing --ckpt {ckpt}" in " ".join(result.stderr.split())
+
+
 def test_an_existing_folder_is_never_overwritten(authors_states, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -135,16 +135,18 @@ def test_deepspeed_files_are_read_weights_only(tmp_path):
     assert not marker.exists()
 
 
-def test_a_corrupt_model_file_gets_a_whole_message(half_run, tmp_path, digits_shards):
+@pytest.mark.parametrize("kind", ["eval", "resume"])
+def test_a_model_file_changed_in_place_at_its_size_is_refused_by_name(kind, half_run, tmp_path, digits_shards):
     path = half_run / "checkpoints" / "step-13" / "model.safetensors"
     data = bytearray(path.read_bytes())
-    data[8:40] = b"!" * 32  # the JSON header, size unchanged
+    data[len(data) // 2] ^= 0x55  # one weight's byte: the file still parses, only its sha256 tells
     plant(path, bytes(data))
-    result = diffmic_here(command("eval", half_run, digits_shards, tmp_path))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = diffmic_here(command(kind, half_run, digits_shards, tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     message = " ".join(result.stderr.split())
-    assert "model.safetensors: it is not a readable safetensors file" in message
+    assert f"refusing {path}: its content changed since it was written" in message, message
     assert message.endswith("or train into a new --run-dir"), message  # not cut mid-sentence
+    assert not (tmp_path / "out").exists()  # nothing further was written
 
 
 # --- the data and the settings of a resume ------------------------------------------------------------

@@ -4,18 +4,24 @@ Tensors are safetensors (a header and raw bytes: nothing in it can run), everyth
 exception is DeepSpeed's own engine files, which DeepSpeed writes with `torch.save`: they are read through
 `torch.load(weights_only=True)` with an allowlist of three plain DeepSpeed value types. A file that does not
 parse as its kind is refused with one line naming it, before anything in it is used.
+
+Every writer here returns what it wrote (`Written`: the size and the sha256), hashed from the bytes on their way
+to the disk, never by reading the file again: the checkpoint's record keeps them, and readers compare.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
-import os
-import pickle
 import random
 import re
+import struct
+import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DiskFullError
-from ..fileio import write_json_atomic
+from ..fileio import file_sha256, write_atomic
 
 # Written under this key of a safetensors header: the non-tensor part of what the file holds.
 METADATA_KEY = "diffmic"
@@ -33,6 +39,57 @@ DEEPSPEED_VALUE_TYPES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                          "deepspeed.utils.tensor_fragment.fragment_address",
                          "deepspeed.runtime.zero.config.ZeroStageEnum")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# safetensors' names of the tensor types a checkpoint holds.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file as it was written: its size and the sha256 of its bytes."""
+
+    size: int
+    sha256: str
+
+
+class HashingFile:
+    """A binary file that hashes every byte written through it (torch.save and our writers take it as a file)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.handle.write(view)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def written(self) -> Written:
+        return Written(self.size, self.digest.hexdigest())
+
+
+@contextmanager
+def hashing_file(path: Path) -> Iterator[HashingFile]:
+    with disk_errors(path), open(path, "wb") as handle:
+        yield HashingFile(handle)
+
+
+# (device, inode, size, mtime) -> sha256 of a file this process hashed: a checkpoint checked once (eval's settings,
+# then its weights) is not hashed again; a changed file has another inode, size or mtime.
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+
+
+def sha256_of(path: Path) -> str:
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
 
 
 def first_line(error: BaseException) -> str:
@@ -59,34 +116,45 @@ def read_json(path: Path) -> dict:
     return values
 
 
-def write_json(path: Path, values: dict) -> None:
+def write_json(path: Path, values: dict) -> Written:
+    data = json.dumps(values, indent=2).encode()
     with disk_errors(path):
-        write_json_atomic(path, values)
+        write_atomic(path, lambda temporary: temporary.write_bytes(data))
+    return Written(len(data), hashlib.sha256(data).hexdigest())
 
 
 # --- safetensors --------------------------------------------------------------------------------------
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Writes tensors (moved to the CPU, made contiguous) and a JSON-able metadata dict."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    header = {METADATA_KEY: json.dumps(metadata if metadata is not None else {})}
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Written:
+    """Writes tensors (moved to the CPU, made contiguous) and a JSON-able metadata dict as safetensors, hashing
+    the bytes as they go out: the format is a little-endian header length, a JSON header of names, types, shapes
+    and offsets, then each tensor's raw bytes in header order."""
     flat = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
-    try:
-        with disk_errors(path):
-            save_file(flat, str(path), metadata=header)
-    except SafetensorError as error:  # the Rust writer reports a full disk as text
-        if re.search(r"os error (28|122)\b", str(error)):
-            raise DiskFullError(f"disk full while writing {path}") from None
-        raise
-    # The writer creates 0600 files; a run folder is shared like any other output, so honour the umask.
-    os.chmod(path, 0o666 & ~_umask())
+    # Widest type first, as safetensors orders them: every tensor's bytes start aligned to its type.
+    names = sorted(flat, key=lambda name: (-flat[name].element_size(), name))
+    header: dict[str, Any] = {"__metadata__": {METADATA_KEY: json.dumps(metadata if metadata is not None else {})}}
+    offset = 0
+    for name in names:
+        value = flat[name]
+        if value.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot store {name} of type {value.dtype} in a checkpoint")
+        end = offset + value.numel() * value.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
+    with hashing_file(path) as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name in names:
+            out.write(_raw_bytes(flat[name]))
+    return out.written()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _raw_bytes(tensor: torch.Tensor):
+    """A contiguous tensor's bytes as they lie in memory (little-endian on every platform torch supports)."""
+    assert sys.byteorder == "little", "safetensors stores little-endian values"
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -128,7 +196,7 @@ def load_weights_only(path: str | Path, map_location=None, allowed: tuple[str, .
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise refuse(Path(path), "it is missing") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged file makes the unpickler raise anything (KeyError, ...)
         named = re.search(r"GLOBAL ([\w.]+)", str(error))
         why = (f"it is a pickle that refers to {named.group(1)}, which no checkpoint needs" if named
                else f"it is not a readable torch file ({first_line(error)})")

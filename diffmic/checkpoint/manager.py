@@ -9,7 +9,7 @@ and stops the run with one line, leaving the previous checkpoint as it was.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,12 @@ from ..config import Config, flatten
 from ..errors import CheckpointError, DiskFullError
 from . import record as ckpt
 from .files import (
+    Written,
     capture_rng,
     first_line,
     flatten_optimizer,
     gigabytes,
+    hashing_file,
     load_tensors,
     load_weights_only,
     read_json,
@@ -37,6 +39,7 @@ from .files import (
 # Settings that cannot change on an exact resume even when named in allow_changes: the weights' shapes
 # and meaning (MODEL_KEYS) and the engine whose files the training state is in.
 FIXED_ON_RESUME = ("train.distributed",)
+HEADER_ALLOWANCE = 1 << 20  # the safetensors headers and JSON files of a checkpoint: a few kB each, 1 MiB in all
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Start:
     mode: str = "fresh"
     checkpoint: ckpt.Checkpoint | None = None
     changes: dict = field(default_factory=dict)  # {key: (checkpoint's value, this run's)} accepted
+    passed_over: list[Path] = field(default_factory=list)  # newer step-N folders without a COMPLETE record
 
     @property
     def step(self) -> int:
@@ -61,14 +65,18 @@ def choose_start(run_dir: Path, config: Config, classes: list[str], manifest_sha
     everything = ckpt.complete_checkpoints(run_dir)
     trained = [checkpoint for checkpoint in everything if checkpoint.has_training_state]
     if trained:
-        checkpoint = ckpt.verify(trained[-1])
+        # An exact resume reads every file of the checkpoint: each is checked against its sha256 first.
+        checkpoint = ckpt.verify(trained[-1], read=trained[-1].files)
         changes = check_resumable(checkpoint, config, classes, manifest_sha256, world_size, allowed)
         return Start("resume", checkpoint, changes)
     candidates = everything + ([best] if (best := _best_checkpoint(run_dir)) is not None else [])
+    # A save cut short between its rename and its record, or a record deleted: said by name, since what the run starts
+    # from then (the best weights, or nothing) is not where its training stopped.
+    passed_over = ckpt.unrecorded_folders(run_dir)
     if candidates:
         checkpoint = ckpt.verify(max(candidates, key=lambda candidate: candidate.step))
-        return Start("fine-tune", checkpoint, check_fits(checkpoint, config, classes))
-    return Start()
+        return Start("fine-tune", checkpoint, check_fits(checkpoint, config, classes), passed_over)
+    return Start(passed_over=passed_over)
 
 
 def _best_checkpoint(run_dir: Path) -> ckpt.Checkpoint | None:
@@ -145,6 +153,7 @@ class CheckpointManager:
         self.is_main = accelerator.is_main_process
         self.last: Path | None = None
         self.best_written: Path | None = None  # the best-N folder this process wrote last
+        self.written: dict[str, Written] = {}  # the files of the save in progress this process wrote
 
     # --- saving -------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -155,8 +164,9 @@ class CheckpointManager:
             needed = self._expected_bytes()
             self._collectively(lambda: self._check_space(needed), final, needed)
             self._collectively(lambda: self._write_training_files(final), final, needed)
+            written = self._from_every_process(self.written)
             if self.is_main:
-                ckpt.finalise(ckpt.partial_folder(final), final, self._record())
+                ckpt.finalise(ckpt.partial_folder(final), final, self._record(), written)
                 self.prune()
             self.accelerator.wait_for_everyone()
         self.last = final
@@ -182,27 +192,40 @@ class CheckpointManager:
 
     def _write_training_files(self, final: Path) -> None:
         partial = ckpt.partial_folder(final)
+        self.written = written = {}
         if self.is_main:
             ckpt.prepare_partial(final)
             (partial / "training").mkdir()
         self.accelerator.wait_for_everyone()
         if self.deepspeed:  # collective; ZeRO partitions the optimizer state across the processes
-            self.model.save_checkpoint(str(partial / "training"), tag="deepspeed", save_latest=False)
+            with hashed_deepspeed_saves(self.model, partial, written):
+                self.model.save_checkpoint(str(partial / "training"), tag="deepspeed", save_latest=False)
         if self.is_main:
             for script in (partial / "training").glob("zero_to_*.py"):  # DeepSpeed's converters: no code in a run
                 script.unlink()
             # The best of this very step, written moments ago from the same weights: shared by hard links.
             same = self.best_written if self.best_written == ckpt.best_folder(self.run_dir, self.state.step) else None
-            ckpt.write_weights_files(partial, self.module.state_dict(), self.ema.shadow if self.ema else None,
-                                     same_as=same)
+            written.update(ckpt.write_weights_files(partial, self.module.state_dict(),
+                                                    self.ema.shadow if self.ema else None, same_as=same))
             if not self.deepspeed:
                 tensors, metadata = flatten_optimizer(self.optimizer.state_dict())
-                save_tensors(partial / ckpt.OPTIMIZER_FILE, tensors, metadata)
+                written[ckpt.OPTIMIZER_FILE] = save_tensors(partial / ckpt.OPTIMIZER_FILE, tensors, metadata)
             scaler = self.accelerator.scaler
-            write_json(partial / ckpt.STATE_FILE, {"trainer": self.state.state_dict(),
-                                                   "scaler": scaler.state_dict() if scaler is not None else None})
+            written[ckpt.STATE_FILE] = write_json(partial / ckpt.STATE_FILE, {
+                "trainer": self.state.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None})
         tensors, metadata = capture_rng()
-        save_tensors(partial / ckpt.rng_file(self.rank), tensors, metadata)
+        written[ckpt.rng_file(self.rank)] = save_tensors(partial / ckpt.rng_file(self.rank), tensors, metadata)
+
+    def _from_every_process(self, written: dict[str, Written]) -> dict[str, Written]:
+        """Collective: what every process wrote (its random generators, its DeepSpeed partition), for the record."""
+        if self.world == 1:
+            return dict(written)
+        from accelerate.utils import gather_object
+
+        merged: dict[str, Written] = {}
+        for part in gather_object([written]):
+            merged.update(part)
+        return merged
 
     def _record(self) -> dict:
         position = {key: getattr(self.state, key) for key in ("joint_step", "epoch", "batch_in_epoch")}
@@ -220,10 +243,17 @@ class CheckpointManager:
 
     # --- disk space ---------------------------------------------------------------------------------
     def _expected_bytes(self) -> int:
-        """The size of the last training checkpoint; before the first one, the size of its tensors."""
+        """The tensors held now plus the last training checkpoint's other files (random generators, state), or that
+        whole checkpoint where it is larger. Not the last checkpoint alone: a joint checkpoint is larger than a
+        warm-up one (the denoiser's moments appear once it trains), and an estimate below the real size would let
+        a save start that cannot fit."""
         trained = [c for c in ckpt.complete_checkpoints(self.run_dir) if c.has_training_state]
-        if trained:
-            return sum(trained[-1].record["files"].values())
+        last = trained[-1].record["files"] if trained else {}
+        tensors = (ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIMIZER_FILE)
+        others = sum(size for name, size in last.items() if name not in tensors)
+        return max(self._bytes_held_now() + others + HEADER_ALLOWANCE, sum(last.values()))
+
+    def _bytes_held_now(self) -> int:
         weights = sum(value.numel() * 4 for value in self.module.state_dict().values())
         ema = sum(value.numel() * 4 for value in self.ema.shadow.values()) if self.ema is not None else 0
         if self.deepspeed:  # its own copy of the weights, an fp32 master copy and Adam's moments
@@ -259,9 +289,12 @@ class CheckpointManager:
         previous = [c.name for c in ckpt.complete_checkpoints(self.run_dir) if c.has_training_state]
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         free = shutil.disk_usage(root).free if root.is_dir() else 0
+        # With the partial folder gone the space it took is free again: more than `needed` free now means the disk
+        # filled up from elsewhere while the checkpoint was written.
+        meanwhile = " (the disk filled up while it was written)" if free >= needed else ""
         raise DiskFullError(f"disk full: saving {final.name} needs about {gigabytes(needed)} in {root}, "
-                            f"{gigabytes(free)} free; free some space (or lower train.keep_last) and run the same "
-                            f"command again to resume; {kept}")
+                            f"{gigabytes(free)} free{meanwhile}; free some space (or lower train.keep_last) and "
+                            f"run the same command again to resume; {kept}")
 
     # --- restoring ----------------------------------------------------------------------------------
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
@@ -304,6 +337,24 @@ class CheckpointManager:
             engine.checkpoint_engine.load = original
         if loaded is None:
             raise refuse(checkpoint.path / ckpt.DEEPSPEED_DIR, "DeepSpeed found no engine state in it")
+
+
+@contextmanager
+def hashed_deepspeed_saves(engine, folder: Path, written: dict[str, Written]) -> Iterator[None]:
+    """DeepSpeed writes each of its files through its checkpoint engine's `save(state_dict, path)`: here each goes
+    through a HashingFile instead of a path, so its sha256 comes from the bytes as they are written."""
+    original = engine.checkpoint_engine.save
+
+    def save(state_dict, path) -> None:
+        with hashing_file(Path(path)) as out:
+            original(state_dict, out)
+        written[Path(path).relative_to(folder).as_posix()] = out.written()
+
+    engine.checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine.save = original
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step-N/        a checkpoint of step N; it counts once its COMPLETE record exists
         COMPLETE                   the record (JSON): format, kind, step, position, classes, config,
-                                   provenance, and every file of the folder with its size
+                                   provenance, every file of the folder with its size and sha256, and
+                                   the record's own checksum
         model.safetensors          fp32 weights of the whole model (the only copy)
         ema.safetensors            the denoiser's EMA weights (with train.ema)
         training/                  training state; absent from a weights-only checkpoint
@@ -15,13 +16,17 @@
     RUN/checkpoints/.NAME.partial/ a folder being written; renamed into place when complete
 
 Writing goes to the partial folder, which is renamed into place before the record is written: a
-process killed during a save leaves the previous checkpoints untouched.
+process killed during a save leaves the previous checkpoints untouched. Each file's sha256 is computed from its
+bytes while they are written (files.py); `verify` compares the files a command is about to read with the record
+(eval and predict: the weights; a resume: every file), so a file changed in place, even at the same size, is
+refused by name before anything in it is used.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,12 +38,15 @@ import yaml
 
 from ..config import Config, config_from_dict, dump_config, flatten
 from ..errors import CheckpointError
-from .files import load_tensors, read_json, refuse, save_tensors, write_json
+from ..fileio import CHECKSUM_KEY, content_digest, file_sha256, sealed
+from .files import Written, load_tensors, read_json, refuse, save_tensors, sha256_of, write_json
 
-FORMAT = 2
+FORMAT = 3
+UNCHECKED_FORMAT = 2  # diffmic before per-file checksums: sizes only, still read
 MARKER = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+WEIGHT_FILES = (MODEL_FILE, EMA_FILE)  # what eval and predict read (EMA_FILE where the checkpoint has one)
 STATE_FILE = "training/state.json"
 OPTIMIZER_FILE = "training/optimizer.safetensors"
 DEEPSPEED_DIR = "training/deepspeed"
@@ -76,6 +84,11 @@ class Checkpoint:
     @property
     def has_ema(self) -> bool:
         return EMA_FILE in self.record["files"]
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the checkpoint (relative names), as its record lists them."""
+        return list(self.record["files"])
 
     @property
     def classes(self) -> list[str]:
@@ -127,25 +140,32 @@ def _step_of(folder: Path, prefix: str) -> int | None:
 # --- reading ------------------------------------------------------------------------------------------
 def read_checkpoint(folder: str | Path) -> Checkpoint | None:
     """The checkpoint in `folder`, None while it has no COMPLETE record; CheckpointError (naming the
-    file) for a record that is not diffmic's current format."""
+    file) for a record that is not diffmic's current format, or that changed since it was written."""
     folder = Path(folder)
     marker = folder / MARKER
     if not marker.is_file():
         return None
     record = read_json(marker)
-    if record.get("format") != FORMAT:
+    if record.get("format") not in (FORMAT, UNCHECKED_FORMAT):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         named = folder / pickles[0] if pickles else marker
         raise refuse(named, f"{folder.name} is in the format of diffmic 0.1 (Accelerate's pickled training "
                             f"state), which diffmic no longer loads because loading a pickle can run code")
-    for key, kind in (("step", int), ("kind", str), ("classes", list), ("config", str), ("files", dict)):
+    if record["format"] == FORMAT:
+        content = {key: value for key, value in record.items() if key != CHECKSUM_KEY}
+        if record.get(CHECKSUM_KEY) != content_digest(content):
+            raise refuse(marker, "it was changed after diffmic wrote it (its checksum does not match its content)")
+        record = content
+    fields = (("step", int), ("kind", str), ("classes", list), ("config", str), ("files", dict))
+    for key, kind in fields + ((("sha256", dict),) if record["format"] == FORMAT else ()):
         if not isinstance(record.get(key), kind) or (key == "kind" and record[key] not in (TRAINING, WEIGHTS)):
             raise refuse(marker, f"its field '{key}' is missing or of the wrong type")
     return Checkpoint(folder, record)
 
 
-def verify(checkpoint: Checkpoint) -> Checkpoint:
-    """Every file the record lists is there at its recorded size, and the folder holds nothing else."""
+def verify(checkpoint: Checkpoint, read: Iterable[str] = WEIGHT_FILES) -> Checkpoint:
+    """Every file the record lists is there at its recorded size, the folder holds nothing else, and the files
+    named in `read` (those the caller is about to load) have the sha256 the record gives them."""
     listed = checkpoint.record["files"]
     for name, size in listed.items():
         path = checkpoint.file(name)
@@ -159,6 +179,11 @@ def verify(checkpoint: Checkpoint) -> Checkpoint:
         if path.is_file() and name != MARKER and name not in listed:
             raise refuse(path, "it is not one of the files the checkpoint's COMPLETE record lists "
                                "(diffmic wrote no such file)")
+    digests = checkpoint.record.get("sha256", {})  # none in a checkpoint of the unchecked format
+    for name in read:
+        if name in digests and sha256_of(checkpoint.file(name)) != digests[name]:
+            raise refuse(checkpoint.file(name), "its content changed since it was written (its sha256 differs "
+                                                "from the one in the checkpoint's COMPLETE record)")
     return checkpoint
 
 
@@ -172,21 +197,38 @@ def complete_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
+def unrecorded_folders(run_dir: str | Path) -> list[Path]:
+    """step-N folders without a COMPLETE record (a save killed after its rename, or the record deleted)."""
+    root = checkpoint_root(run_dir)
+    return sorted(folder for folder in (root.glob("step-*") if root.is_dir() else [])
+                  if _step_of(folder, "step-") is not None and not (folder / MARKER).exists())
+
+
 def best_record(run_dir: str | Path) -> dict | None:
+    """best.json: {"step", "metric", "score", "split"}; None before the first validation."""
     path = checkpoint_root(run_dir) / BEST_FILE
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    content = {key: value for key, value in record.items() if key != CHECKSUM_KEY}
+    if CHECKSUM_KEY in record and record[CHECKSUM_KEY] != content_digest(content):
+        raise refuse(path, "it was changed after diffmic wrote it (its checksum does not match its content)")
+    if not isinstance(content.get("step"), int) or isinstance(content["step"], bool):
+        raise refuse(path, "its field 'step' is missing or not an integer")
+    return content
 
 
 def best_step(run_dir: str | Path) -> int | None:
     record = best_record(run_dir)
-    return int(record["step"]) if record is not None else None
+    return record["step"] if record is not None else None
 
 
-def find_checkpoint(run_dir: str | Path, which: str = "last") -> Checkpoint:
-    """`last`, `best` or `step-N` of a run (or `which` may be a checkpoint folder itself), verified."""
+def find_checkpoint(run_dir: str | Path, which: str = "last", read: Iterable[str] = WEIGHT_FILES) -> Checkpoint:
+    """`last`, `best` or `step-N` of a run (or `which` may be a checkpoint folder itself), verified: the files in
+    `read` (by default the weights, what eval and predict load) against their sha256."""
     direct = read_checkpoint(which) if Path(which).is_dir() else None
     if direct is not None:
-        return verify(direct)
+        return verify(direct, read)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist; pass the folder `diffmic train` wrote "
@@ -195,20 +237,25 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Checkpoint:
     if which == "best":
         step = best_step(run_dir)
         if step is None:
+            kept = sorted(checkpoint_root(run_dir).glob("best-*"))
+            if kept:  # best.json went missing, not the best: say which file, and the folder to pass instead
+                raise CheckpointError(f"{checkpoint_root(run_dir) / BEST_FILE} is missing, though {kept[-1].name} "
+                                      f"exists; restore it, or pass --checkpoint {kept[-1]}")
             raise CheckpointError(f"{run_dir} has no best checkpoint yet (no validation ran); use --checkpoint last")
         best = read_checkpoint(best_folder(run_dir, step))
         if best is None:
-            raise CheckpointError(f"{checkpoint_root(run_dir) / BEST_FILE} names best-{step}, which is not a "
-                                  f"complete checkpoint; use --checkpoint last")
-        return verify(best)
+            raise CheckpointError(f"{checkpoint_root(run_dir) / BEST_FILE} names best-{step}, but "
+                                  f"{best_folder(run_dir, step) / MARKER} is missing, so it is not a complete "
+                                  f"checkpoint; use --checkpoint last")
+        return verify(best, read)
     if not available:
         raise CheckpointError(f"{checkpoint_root(run_dir)} holds no complete checkpoint; train first "
                               f"(diffmic train ... --run-dir {run_dir}) or pass the right --run")
     if which == "last":
-        return verify(available[-1])
+        return verify(available[-1], read)
     for checkpoint in available:
         if checkpoint.name == which:
-            return verify(checkpoint)
+            return verify(checkpoint, read)
     names = ", ".join(checkpoint.name for checkpoint in available)
     raise CheckpointError(f"{run_dir} has no complete checkpoint '{which}'; available: last, best, {names}")
 
@@ -285,31 +332,50 @@ def new_record(kind: str, step: int, config: Config, classes: list[str], **field
             "config": dump_config(config), **fields}
 
 
-def finalise(partial: Path, final: Path, record: dict) -> Checkpoint:
-    """Renames a fully written folder into place, then writes the record that makes it count."""
-    files = {path.relative_to(partial).as_posix(): path.stat().st_size
-             for path in sorted(partial.rglob("*")) if path.is_file()}
-    record = {**record, "files": files}
+def finalise(partial: Path, final: Path, record: dict, written: dict[str, Written]) -> Checkpoint:
+    """Renames a fully written folder into place, then writes the record that makes it count. `written` gives each
+    file's size and sha256 as its writer computed them; a file no writer of ours reported (a library's own, should
+    one appear) is hashed here."""
+    on_disk = sorted(path.relative_to(partial).as_posix() for path in partial.rglob("*") if path.is_file())
+    digests = {name: written[name] if name in written else Written((partial / name).stat().st_size,
+                                                                     file_sha256(partial / name))
+               for name in on_disk}
+    record = {**record, "files": {name: digest.size for name, digest in digests.items()},
+              "sha256": {name: digest.sha256 for name, digest in digests.items()}}
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-    write_json(final / MARKER, record)
+    write_json(final / MARKER, sealed(record))
     return Checkpoint(final, record)
 
 
-def write_weights_files(folder: Path, model_state: dict, ema_state: dict | None, same_as: Path | None = None) -> None:
+def write_weights_files(folder: Path, model_state: dict, ema_state: dict | None,
+                        same_as: Path | None = None) -> dict[str, Written]:
     """model.safetensors and ema.safetensors; hard links to those of `same_as` (a checkpoint of the same
-    weights, e.g. the best of this very step) where the file system allows, so they take no second space."""
+    weights, e.g. the best of this very step) where the file system allows, so they take no second space.
+    Returns what was written."""
+    linked_from = _readable(same_as) if same_as is not None else None
+    written = {}
     for name, state in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
         if state is None:
             continue
-        if same_as is not None and (same_as / name).is_file():
+        if linked_from is not None and name in linked_from.record.get("sha256", {}):
             try:
                 os.link(same_as / name, folder / name)
+                written[name] = Written(linked_from.record["files"][name], linked_from.record["sha256"][name])
                 continue
             except OSError:
                 pass
-        save_tensors(folder / name, fp32_cpu(state))
+        written[name] = save_tensors(folder / name, fp32_cpu(state))
+    return written
+
+
+def _readable(folder: Path) -> Checkpoint | None:
+    """The checkpoint in `folder` if its record reads; a damaged one is simply not linked to."""
+    try:
+        return read_checkpoint(folder)
+    except CheckpointError:
+        return None
 
 
 def write_weights_checkpoint(run_dir: str | Path, model_state: dict, config: Config, classes: list[str], *,
@@ -322,8 +388,8 @@ def write_weights_checkpoint(run_dir: str | Path, model_state: dict, config: Con
     weights to hard-link to."""
     final = Path(folder) if folder is not None else step_folder(run_dir, step)
     partial = prepare_partial(final)
-    write_weights_files(partial, model_state, ema_state, same_as)
-    return finalise(partial, final, new_record(WEIGHTS, step, config, classes, **fields))
+    written = write_weights_files(partial, model_state, ema_state, same_as)
+    return finalise(partial, final, new_record(WEIGHTS, step, config, classes, **fields), written)
 
 
 def write_best_checkpoint(run_dir: str | Path, model_state: dict, config: Config, classes: list[str], *, step: int,
@@ -334,7 +400,7 @@ def write_best_checkpoint(run_dir: str | Path, model_state: dict, config: Config
     final = best_folder(run_dir, step)
     checkpoint = write_weights_checkpoint(run_dir, model_state, config, classes, ema_state=ema_state, step=step,
                                           folder=final, same_as=same_as, selection=selection, **fields)
-    write_json(checkpoint_root(run_dir) / BEST_FILE, {"step": step, **selection})
+    write_json(checkpoint_root(run_dir) / BEST_FILE, sealed({"step": step, **selection}))
     for folder in checkpoint_root(run_dir).glob("best-*"):
         if folder != final:
             shutil.rmtree(folder, ignore_errors=True)

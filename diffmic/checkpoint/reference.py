@@ -17,7 +17,6 @@ diffmic's never-used row 0 (a bijection: nothing is lost).
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +81,7 @@ def _load_list(path: Path, option: str, layout: str) -> list:
         raise CheckpointError(f"{option} {path} does not exist")
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - a file that is no torch file makes torch raise anything (KeyError, ...)
         raise CheckpointError(f"refusing {option} {path}: {why_not_weights(error)}; it is read with "
                               f"torch.load(weights_only=True), which builds tensors and plain containers only "
                               f"(loading other pickled objects can run code)") from None

@@ -14,16 +14,18 @@ from typing import Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import USER_ERRORS, UserError
+from ..errors import USER_ERRORS, UserError, file_system_error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console()
 SET_OPTION = typer.Option(None, "--set", "-s", help="Override a config key: --set model.dcg.k=4 (repeatable).")
 error_console = Console(stderr=True)
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
-__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command"]
+__all__ = ["SET_OPTION", "UserError", "app", "config_file", "console", "error_console", "run_command", "warn"]
 
 
 def field_options(group: type, panel: str | None = None, unset: str | None = None) -> list[inspect.Parameter]:
@@ -84,22 +86,40 @@ def run_command(application: typer.Typer) -> None:
     try:
         # Without standalone mode click returns (not raises) the code of `raise typer.Exit(code)`.
         code = application(standalone_mode=False)
+        if code == INTERRUPTED:  # Typer answers Ctrl-C with this code and no word
+            error_console.print("interrupted (Ctrl-C)")
         if isinstance(code, int) and code:
             sys.exit(code)
     except USER_ERRORS as error:
-        # soft_wrap: a path in the message must stay one copyable piece, not be folded at the terminal width.
-        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        report_user_error(error)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        error_console.print("aborted")
-        sys.exit(130)
+        error_console.print("interrupted (Ctrl-C)")
+        sys.exit(INTERRUPTED)
+    except OSError as error:  # a file system refusal that names its file: read-only, permissions, a full disk
+        converted = file_system_error(error)
+        if converted is None:
+            raise
+        report_user_error(converted)
     except Exception as error:
         if _is_usage_error(error):
             error.show()
             sys.exit(error.exit_code)
         raise
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, as a user error is printed (the command goes on)."""
+    error_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def report_user_error(error: BaseException) -> None:
+    """One line on stderr and exit status 2."""
+    # soft_wrap: a path in the message must stay one copyable piece, not be folded at the terminal width; escaped:
+    # brackets in a message ("[DCG state_dict, optimizer]", a file name) are text, not markup.
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def _is_usage_error(error: Exception) -> bool:

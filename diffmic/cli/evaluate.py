@@ -80,8 +80,12 @@ def predict_command(
       diffmic predict --run runs/ham-1 --n-samples 10 --uncertainty t_test --flag-uncertain 0.05 lesions/
     """
     from ..evaluation.runner import check_flag_threshold, flag_uncertain_rows, predict_files, write_rows_csv
+    from ..fileio import check_writable
 
     settings = resolved_settings(run, checkpoint, choices)
+    path = out or RunFolder(run).predictions_file()
+    # Found before any image is read, not after the table is printed.
+    check_writable(path.parent, "choose another --out" if out else "pass --out with a file in a folder that can be written")
     if flag_uncertain is not None:  # refused before any image is read
         from ..checkpoint import find_checkpoint
 
@@ -106,6 +110,5 @@ def predict_command(
         flagged = sum(row["check"] == "yes" for row in rows)
         console.print(f"{flagged} of {len(rows)} image(s) above uncertainty {flag_uncertain:g} ({settings.uncertainty}): "
                       "check them by hand", highlight=False)
-    path = out or RunFolder(run).predictions_file()
     write_rows_csv(rows, path)
     console.print(f"wrote {path}", highlight=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import UserError, app, console
+from .common import UserError, app, console, warn
 
 
 def write_curves(run: Path) -> Path:
@@ -16,9 +16,11 @@ def write_curves(run: Path) -> Path:
 
     folder = RunFolder(run)
     if not folder.metrics_file.is_file():
-        raise UserError(f"{run} has no metrics.jsonl: is it a run folder made by `diffmic train`?")
+        raise UserError(f"{folder.metrics_file} is missing: is {run} a run folder made by `diffmic train`?")
     try:
-        return draw_run_curves(folder)
+        return draw_run_curves(folder, warn)
+    except UserError:  # a damaged metrics.jsonl: its own message names the line
+        raise
     except ValueError as error:
         raise UserError(f"{run}: {error}; try again after the first logging interval (train.log_every steps)") from None
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import UserError, app, console
+from .common import UserError, app, console, warn
 
 
 @app.command("status")
@@ -14,20 +14,20 @@ def status_command(
     run_argument: Path = typer.Argument(None, metavar="RUN", help="Run folder of a job submitted with --slurm."),
     run_option: Path = typer.Option(None, "--run", help="The same, spelt as in eval and predict."),
 ) -> None:
-    """Show a run's Slurm jobs and last metrics, or every run of a sweep; non-zero exit if one failed.
+    """Show a run's Slurm jobs (if any) and last metrics, or every run of a sweep; non-zero exit if one failed.
 
     Examples:
       diffmic status runs/ham10000-20261125-101500
       diffmic status --run runs/ham10000-20261125-101500
     """
     from ..launch.slurm import FINISHED_OK, UNFINISHED, job_records, job_state
-    from ..launch.sweep import SWEEP_FILE
+    from ..launch.sweep import looks_like_sweep
     from ..run import RunFolder, read_metrics
 
     if (run_argument is None) == (run_option is None):
         raise UserError("give the run folder once: diffmic status RUN (or --run RUN)")
     run = run_argument or run_option
-    if (run / SWEEP_FILE).is_file():
+    if looks_like_sweep(run):
         from .sweep import print_sweep_status
 
         failed_runs = print_sweep_status(run)
@@ -35,7 +35,13 @@ def status_command(
             raise UserError(f"{len(failed_runs)} run(s) failed: {', '.join(failed_runs)}")
         return
 
+    folder = RunFolder(run)
     records = job_records(run)
+    if not records and not folder.metrics_file.is_file() and not folder.record_file.is_file():
+        raise UserError(f"{run} is neither a run folder (no run.json or metrics.jsonl) nor a sweep folder (no "
+                        f"sweep.json); pass the folder `diffmic train` or `diffmic sweep` wrote")
+    if not records:
+        console.print(f"{run}: no Slurm job recorded (it ran here)", highlight=False)
     failed = []
     for record in records:
         state = job_state(record)
@@ -43,7 +49,7 @@ def status_command(
                       highlight=False)
         if state not in UNFINISHED and state not in FINISHED_OK:
             failed.append(f"{record['kind']} job {record['job_id']} {state} (logs in {record['log_dir']})")
-    rows = read_metrics(run)
+    rows = read_metrics(run, warn)
     training = [row for row in rows if "loss" in row]
     validation = [row for row in rows if "split" in row]
     if training:
@@ -54,7 +60,7 @@ def status_command(
         last = validation[-1]
         console.print(f"last validation at step {last['step']}: {last['split']} accuracy "
                       f"{last[last['split'] + '/accuracy']:.4f}", highlight=False)
-    curves = RunFolder(run).curves_file
+    curves = folder.curves_file
     console.print(f"training curves: {curves} (redraw with: diffmic report {run})" if curves.is_file()
                   else f"training curves: draw them with: diffmic report {run}", highlight=False)
     if failed:

@@ -46,23 +46,39 @@ def sweep_command(
     import time
 
     from ..config import load_config
-    from ..launch.sweep import SweepPlan, merge_with_existing, parse_grid, plan_runs, run_locally
+    from ..launch.sweep import SweepPlan, merge_with_existing, parse_grid, plan_runs
+    from ..run import RunLock
 
     swept, fixed = parse_grid(grid or [])
     found = [config_file(config, None) for config in configs]  # a path, ./configs/ or the packaged ones
     bases = [(str(path), load_config(path, fixed).train.seed) for path in found]
     planned = plan_runs(bases, seeds, swept, fixed, folds)
     sweep_dir = out or Path("sweeps") / f"{configs[0].stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    plan = merge_with_existing(sweep_dir, SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]),
-                                                    str(shards) if shards else None, planned))
-    report = lambda line: console.print(line, highlight=False)  # noqa: E731
     if launch.processes > 1:
         raise UserError("a sweep without --slurm trains its runs one after another, one process each: drop "
                         "--gpus/--tasks-per-node, or submit it with --slurm")
-    if launch.slurm is not None:
-        submit_as_array(plan, sweep_dir, launch, array_parallelism, report)
+    new_plan = SweepPlan(shlex.join(["diffmic", *sys.argv[1:]]), str(shards) if shards else None, planned)
+    report = lambda line: console.print(line, highlight=False)  # noqa: E731
+    if launch.slurm is not None and launch.dry_run:  # writes nothing: no lock
+        submit_as_array(merge_with_existing(sweep_dir, new_plan), sweep_dir, launch, array_parallelism, report)
         return
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # One `diffmic sweep` per folder: a second one would find the first one's live run "interrupted" and redo it.
+    lock = RunLock(sweep_dir, "diffmic sweep")
+    lock.acquire()
+    try:
+        plan = merge_with_existing(sweep_dir, new_plan)
+        if launch.slurm is not None:
+            submit_as_array(plan, sweep_dir, launch, array_parallelism, report)
+        else:
+            run_here(plan, sweep_dir, report)
+    finally:
+        lock.release()
+
+
+def run_here(plan, sweep_dir: Path, report) -> None:
+    """The runs one after another in this process's children."""
+    from ..launch.sweep import run_locally
+
     plan.save(sweep_dir)
     console.print(f"sweep {sweep_dir}: {len(plan.runs)} run(s); follow it with: diffmic status {sweep_dir}",
                   highlight=False)
@@ -85,7 +101,6 @@ def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, rep
                                     parallelism), highlight=False, markup=False)
         console.print(f"dry run: a job array of {todo} run(s), at most {parallelism} at once; nothing was submitted")
         return
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     plan.save(sweep_dir)
     jobs = submit_sweep(plan, sweep_dir, launch.slurm, parallelism, report)
     if not jobs:
@@ -106,18 +121,32 @@ def submit_as_array(plan, sweep_dir: Path, launch: Launch, parallelism: int, rep
 
 
 def runs_of(paths: list[Path]) -> list[Path]:
-    """Run folders from sweep folders (their runs, in plan order) and run folders (as given)."""
-    from ..launch.sweep import SWEEP_FILE, SweepPlan
+    """Run folders from sweep folders (their runs, in plan order) and run folders (as given). A sweep with runs
+    not yet evaluated is refused with the command that finishes it."""
+    from ..launch.sweep import SweepPlan, is_done, looks_like_sweep
 
     found = []
     for path in paths:
-        if (path / SWEEP_FILE).is_file():
-            found += [run.run_dir(path) for run in SweepPlan.load(path).runs]
+        if looks_like_sweep(path):  # SweepPlan.load names a sweep.json that went missing
+            plan = SweepPlan.load(path)
+            unfinished = [unfinished_run(run, path) for run in plan.runs if not is_done(run, path)]
+            if unfinished:
+                raise UserError(f"{len(unfinished)} of the {len(plan.runs)} run(s) of {path} are not finished "
+                                f"({', '.join(unfinished[:4])}{', ...' if len(unfinished) > 4 else ''}); run the "
+                                f"sweep's command again to finish them: {plan.command}")
+            found += [run.run_dir(path) for run in plan.runs]
         elif path.is_dir():
             found.append(path)
         else:
             raise UserError(f"{path} does not exist; pass a sweep folder or run folders")
     return found
+
+
+def unfinished_run(run, sweep_dir: Path) -> str:
+    """A run that is not done, and why where it says finished (its evaluation is gone)."""
+    if run.status == "finished":
+        return f"{run.name}: {run.metrics_file(sweep_dir)} is missing"
+    return f"{run.name}: {run.shown_status()}"
 
 
 @app.command("compare")
@@ -154,20 +183,25 @@ def compare_command(
 
 def print_sweep_status(sweep_dir: Path) -> list[str]:
     """One line per run of a sweep; returns the failed ones."""
+    from ..evaluation.compare import read_evaluation
     from ..launch.sweep import SweepPlan
 
     plan = SweepPlan.load(sweep_dir)
     table = Table(title=f"sweep {sweep_dir}: {len(plan.runs)} run(s)")
     for column in ("run", "status", "accuracy", "job", "note"):
         table.add_column(column)
+    unevaluated = []  # finished runs whose evaluation is gone: a table alone would show them as done
     for run in plan.runs:
         accuracy = ""
         if run.metrics_file(sweep_dir).is_file():
-            import json
-
-            accuracy = f"{json.loads(run.metrics_file(sweep_dir).read_text())['accuracy']:.4f}"
+            accuracy = f"{read_evaluation(run.metrics_file(sweep_dir))['accuracy']:.4f}"
+        elif run.status == "finished":
+            unevaluated.append(run.metrics_file(sweep_dir))
         status = run.shown_status()
         note = run.error[:80] or ("run the sweep command again to resume it" if status == "interrupted" else "")
         table.add_row(run.name, status, accuracy, plan.jobs.get(run.name, {}).get("job_id", ""), note)
     console.print(table)
+    if unevaluated:
+        raise UserError(f"{unevaluated[0]} is missing ({len(unevaluated)} finished run(s) without their evaluation); "
+                        f"run the sweep's command again to evaluate them: {plan.command}")
     return [run.name for run in plan.runs if run.status == "failed"]

@@ -27,6 +27,7 @@ class Layout:
     classes: tuple[str, ...] | None = None  # fixed by the dataset; None: read from the data or --classes
     root: str | None = "data/{name}"  # default --root ({name}: the shard name); None: the layout reads no files
     size: int = 224  # default --size
+    groups: str | None = None  # the metadata column whose images move together between splits (lesion_id)
 
     @property
     def fixed_classes(self) -> bool:

@@ -122,6 +122,12 @@ def shard_dataset(options: ShardOptions, progress: ProgressCallback | None = Non
         described = " and ".join(str(path) for path in options.split_from)
         records = apply_given_splits(records, problems, read_split_files(options.split_from), described)
     require_every_class(records, source.classes, "")
+    groups = options.layout.groups
+    if options.grouped and groups and not any(record.group for record in records):
+        warnings.warn(ShardWarning(
+            f"no {groups} in the metadata of {options.root}: the splits are made image by image, so images of one "
+            f"lesion can land in both train and test (which flatters the test scores); HAM10000_metadata.csv as "
+            f"downloaded has a {groups} column"), stacklevel=2)
     splits = assign_splits(records, options.test_fraction, options.val_fraction, options.seed, options.grouped)
     if options.val_fraction > 0 and "val" not in splits:
         warnings.warn(ShardWarning(

@@ -71,14 +71,22 @@ def read_csv(path: Path, required: list[str]) -> list[tuple[int, dict[str, str]]
     follows the header."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = [name.strip() for name in reader.fieldnames or []]
-        missing = [name for name in required if name not in columns]
-        if missing:
-            raise ShardError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
-                             f"{', '.join(columns) or 'no header'}); check --dataset and use the file as "
-                             f"downloaded")
-        rows = [(number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)})
-                for number, row in enumerate(reader, start=2)]
+        try:
+            columns = [name.strip() for name in reader.fieldnames or []]
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise ShardError(f"{path} lacks the column(s) {', '.join(missing)} (it has: "
+                                 f"{', '.join(columns) or 'no header'}); check --dataset and use the file as "
+                                 f"downloaded")
+            rows = [(number, {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)})
+                    for number, row in enumerate(reader, start=2)]
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise ShardError(f"{path} does not read as CSV near line {reader.line_num} ({error}); use the file as "
+                             f"downloaded") from None
+    for number, row in rows:
+        if any("\n" in value or "\r" in value for value in row.values()):  # no id or label spans lines
+            raise ShardError(f"{path} line {number}: a quote opened on this line is never closed, so the lines "
+                             f"after it read as one value; fix the quote or use the file as downloaded")
     if not rows:
         raise ShardError(f"{path} has a header but no rows; use the complete file as downloaded")
     return rows
@@ -195,7 +203,8 @@ def _read_isic_ground_truth(root: Path, truth: Path) -> SourceData:
 
 HAM10000 = register(Layout(
     "ham10000", read_ham10000, "HAM10000_metadata.csv (splits grouped by lesion_id) or the ISIC 2018 task 3 "
-    "ground-truth CSV, with their images", test_fraction=0.3, classes=tuple(HAM_CLASSES), root="data/ham10000"))
+    "ground-truth CSV, with their images", test_fraction=0.3, classes=tuple(HAM_CLASSES), root="data/ham10000",
+    groups="lesion_id"))
 
 
 def read_aptos2019(root: Path) -> SourceData:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..checkpoint import (
+    MARKER,
     CheckpointManager,
     CheckpointPolicy,
     Start,
@@ -28,6 +29,7 @@ from ..checkpoint import (
 from ..config import Config, ConfigError
 from ..data import as_location, read_manifest, steps_per_epoch, train_loader
 from ..data.loaders import check_compatible as check_shards
+from ..data.verify import check_shard_files
 from ..errors import NonFiniteLossError, PretrainedWeightsError
 from ..models import build_model
 from ..models.pretrained import WeightsRequest, fetch_all
@@ -123,6 +125,10 @@ class Trainer:
         self.shard_dir = as_location(shard_dir)  # a URL stays a string
         self.manifest = read_manifest(self.shard_dir)
         check_shards(self.manifest, config.data)
+        # Every shard the run reads (training, validation, and the test split it is evaluated on), checked against
+        # its sha256 now: a damaged validation shard is found before the warm-up, not at the first validation.
+        for split in self.manifest.splits:
+            check_shard_files(self.manifest, self.manifest.split_info(split).shards)
         self.accelerator = acc = training_accelerator(self.train_cfg)
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.lock: RunLock | None = None
@@ -131,6 +137,10 @@ class Trainer:
             self.folder = RunFolder(run_dir) if run_dir else self._new_run_folder()
             self.run_dir = self.folder.path
             self._take_lock()
+            # The run's bookkeeping must read before anything is written: a damaged run.json or metrics.jsonl (or a
+            # link in its place) is refused now, not found half-way through a session's first writes.
+            self.folder.read_record()
+            MetricsLog(self.folder, True).check()
             self._set_up(progress, resume, allow_changes, dict(facts or {}))
         except BaseException:
             self.close()
@@ -249,6 +259,9 @@ class Trainer:
 
     def _say_how_it_starts(self, cut_rows: int) -> None:
         start = self.start
+        for folder in start.passed_over:
+            self.print(f"[bold yellow]warning:[/] {folder / MARKER} is missing (a save cut short, or the file "
+                       f"deleted): {folder.name} is not used")
         if start.mode == "fine-tune":
             ema = " and EMA" if start.checkpoint.has_ema and self.ema is not None else ""
             self.print(f"fine-tuning from the weights{ema} of {start.checkpoint.path} (step {start.step}; it holds "
@@ -374,6 +387,12 @@ class Trainer:
 
         try:
             path = draw_run_curves(self.folder)
+        except OSError as error:  # the run trained and saved: a picture that cannot be written is not worth failing
+            from rich.markup import escape
+
+            self.print(f"[bold yellow]warning:[/] {escape(str(self.folder.curves_file))} not drawn ({error.strerror}); "
+                       f"draw it later with `diffmic report {escape(str(self.run_dir))}`")
+            return
         except ValueError:  # nothing logged yet (a run stopped before its first logging interval)
             return
         self.print(f"training curves: {path}")
@@ -499,5 +518,9 @@ def train(config: Config, shard_dir: str | Path, run_dir: str | Path | None = No
         trainer.resume()  # every file of the checkpoint is read before anything in the run folder is written
         trainer.prepare_run()
         return trainer.fit()
+    except KeyboardInterrupt:
+        trainer.print(f"interrupted (Ctrl-C) at step {trainer.state.step}: nothing was saved after that; run the same "
+                      f"command to resume from {trainer.checkpoints.last or 'the start'}")
+        raise
     finally:
         trainer.close()

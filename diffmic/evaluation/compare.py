@@ -20,7 +20,7 @@ import yaml
 
 from ..config import flatten
 from ..errors import UserError
-from ..fileio import write_text_atomic
+from ..fileio import read_sealed_json, write_text_atomic
 from ..run import RunFolder
 from .metrics import METRICS
 
@@ -41,13 +41,22 @@ class RunResult:
     metrics_file: Path
 
 
+def read_evaluation(path: Path) -> dict:
+    """An evaluation's metrics.json, its checksum checked; UserError naming it when it is damaged."""
+    fix = "delete it and evaluate the run again (a sweep's run: run the sweep's command again)"
+    values = read_sealed_json(path, fix)
+    if not isinstance(values.get("accuracy"), (int, float)) or isinstance(values["accuracy"], bool):
+        raise CompareError(f"{path} is damaged (it has no accuracy); {fix}")
+    return values
+
+
 def test_metrics_file(run_dir: Path) -> Path:
     """RUN/eval/test/metrics.json (what a sweep writes), else the newest test-split metrics.json under RUN/eval."""
     folder = RunFolder(run_dir)
     preferred = folder.test_evaluation / "metrics.json"
     if preferred.is_file():
         return preferred
-    found = [path for path in folder.evaluations() if json.loads(path.read_text()).get("split") == "test"]
+    found = [path for path in folder.evaluations() if read_evaluation(path).get("split") == "test"]
     if not found:
         raise CompareError(f"{run_dir} has no evaluation of its test split; run `diffmic eval --run {run_dir}`")
     return max(found, key=os.path.getmtime)
@@ -56,11 +65,17 @@ def test_metrics_file(run_dir: Path) -> Path:
 def load_result(run_dir: Path) -> RunResult:
     config_file = RunFolder(run_dir).config_file
     if not config_file.is_file():
-        raise CompareError(f"{run_dir} has no config.yaml: is it a run folder made by `diffmic train`?")
-    settings = {key: value for key, value in flatten(yaml.safe_load(config_file.read_text())).items()
-                if key not in IGNORED_KEYS}
+        raise CompareError(f"{config_file} is missing: is {run_dir} a run folder made by `diffmic train`?")
+    try:
+        values = yaml.safe_load(RunFolder(run_dir).read_config_text())
+    except yaml.YAMLError as error:
+        raise CompareError(f"{config_file} is damaged (it is not valid YAML: {str(error).splitlines()[0]}); restore "
+                           f"it from a copy") from None
+    if not isinstance(values, dict):
+        raise CompareError(f"{config_file} is damaged (it holds no config sections); restore it from a copy")
+    settings = {key: value for key, value in flatten(values).items() if key not in IGNORED_KEYS}
     path = test_metrics_file(run_dir)
-    return RunResult(run_dir, settings, json.loads(path.read_text()), path)
+    return RunResult(run_dir, settings, read_evaluation(path), path)
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

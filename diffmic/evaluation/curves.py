@@ -8,7 +8,7 @@ trained alone) is shaded in each. Works on a run that is still going: only the r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +125,8 @@ def plot_training_curves(rows: Iterable[dict], path: str | os.PathLike, title: s
     return _save_atomically(figure, path)
 
 
-def draw_run_curves(folder: RunFolder) -> Path:
+def draw_run_curves(folder: RunFolder, warn: Callable[[str], None] | None = None) -> Path:
     """RUN/curves.png from RUN/metrics.jsonl (the trainer at the end of a session, `diffmic report` at any time);
-    ValueError while no training step is logged."""
-    return plot_training_curves(read_metrics(folder), folder.curves_file, title=f"{folder.name}: training curves")
+    ValueError while no training step is logged. `warn` hears of a last line still being written (read_metrics)."""
+    return plot_training_curves(read_metrics(folder, warn), folder.curves_file,
+                                title=f"{folder.name}: training curves")

@@ -2,8 +2,9 @@
 
 The evaluator runs standalone or under `accelerate launch`: each process samples a disjoint part of
 the split, the results are gathered once, and rank 0 checks them against the manifest and writes
-metrics.json, predictions.csv and the PNG figures (each written to a temporary name, then renamed;
-metrics.json last, so a folder with it is complete).
+metrics.json (sealed with its checksum), predictions.csv and the PNG figures into a hidden folder beside the output
+folder, which then replaces it whole: an evaluation folder never mixes the files of two evaluations. Where the
+results go is checked before any image is read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +28,8 @@ from ..config import EvalConfig
 from ..data import as_location, eval_loader, read_manifest
 from ..data.images import IMAGE_SUFFIXES
 from ..diffusion.uncertainty import MEASURES, available_measures, top_label_uncertainty
-from ..errors import CheckpointError, EvalSettingsError, UnreadableImageError
-from ..fileio import write_text_atomic
+from ..errors import CheckpointError, EvalSettingsError, RunFileError, UnreadableImageError
+from ..fileio import check_writable, sealed, write_text_atomic
 from ..progress import ProgressBar
 from ..run import RunFolder
 from .calibration import fitted_temperature, selective_curve, trust_metrics
@@ -82,6 +86,31 @@ def shards_of(run_dir: Path, info: ckpt.Checkpoint, shards: str | Path | None) -
     raise CheckpointError(f"the checkpoint of {run_dir} does not say which shards it used; pass --shards")
 
 
+def check_same_manifest(manifest, info: ckpt.Checkpoint) -> None:
+    """The shards a run trained on, found by its record, must still be those shards: a manifest that changed since
+    (re-sharded, edited, damaged) would evaluate other images under the run's name. --shards evaluates any."""
+    if info.manifest_sha256 and manifest.digest != info.manifest_sha256:
+        raise CheckpointError(f"{manifest.path} changed since the run trained on it (sha256 {manifest.digest[:12]}..., "
+                              f"the checkpoint {info.path} recorded {info.manifest_sha256[:12]}...); restore the "
+                              f"shards, or pass --shards {manifest.folder} to evaluate on them as they are now")
+
+
+def output_folder(run_dir: Path, out_dir, split: str, checkpoint: str, settings: EvalConfig) -> Path:
+    """--out, else RUN/eval/<split>-<checkpoint>-<sampler><steps> (a checkpoint given as a folder by its name).
+    Checked now, before any image is read: a file or a folder of other files there is refused (it would be
+    replaced), and so is a place that cannot be written."""
+    out = Path(out_dir) if out_dir else RunFolder(run_dir).default_evaluation(split, Path(checkpoint).name,
+                                                                              settings.sampler, settings.steps)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise RunFileError(f"--out {out} is a file or a link, not a folder; choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise RunFileError(f"--out {out} holds files that are not an evaluation (no metrics.json), which writing "
+                           f"the evaluation there would replace; choose a new or empty folder")
+    check_writable(out.parent, "pass --out with a folder that can be written" if not out_dir else
+                   "choose another --out")
+    return out
+
+
 def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test",
                  settings: EvalConfig | None = None, out_dir: str | Path | None = None,
                  shards: str | Path | None = None, progress: bool = True) -> EvalResult:
@@ -99,8 +128,11 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalConfig |
               progress: bool, accelerator) -> EvalResult:
     info, model, settings = load_checkpoint_model(run_dir, checkpoint, settings, accelerator.device)
     config = info.config
+    out = output_folder(run_dir, out_dir, split, checkpoint, settings)
     shard_dir = shards_of(run_dir, info, shards)
     manifest = read_manifest(shard_dir)
+    if shards is None:
+        check_same_manifest(manifest, info)
     check_shards_fit(manifest, info)
     expected_keys = manifest.split_info(split).keys
     # Autocast here rather than Accelerate's: its precision is fixed once per process, and one process may
@@ -120,13 +152,10 @@ def _evaluate(run_dir: Path, checkpoint: str, split: str, settings: EvalConfig |
     predictions = predictions.reordered(expected_keys)
     metrics = _report(predictions, manifest.classes, info, manifest, split, settings, seconds)
     metrics["precision"] = "bf16" if precision == "bf16" else "fp32"
-    out = None
     if accelerator.is_main_process:
-        out = Path(out_dir) if out_dir else RunFolder(run_dir).default_evaluation(split, checkpoint, settings.sampler,
-                                                                                 settings.steps)
         write_outputs(out, predictions, metrics, manifest.classes)
     accelerator.wait_for_everyone()
-    return EvalResult(out, metrics, predictions)
+    return EvalResult(out if accelerator.is_main_process else None, metrics, predictions)
 
 
 def _report(predictions, classes, info, manifest, split, settings: EvalConfig, seconds) -> dict:
@@ -148,13 +177,31 @@ def _report(predictions, classes, info, manifest, split, settings: EvalConfig, s
 
 
 def write_outputs(out: Path, predictions: SplitPredictions, metrics: dict, classes: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "predictions.csv", predictions_csv(predictions, classes, metrics["uncertainty_measure"]))
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png")
-    if predictions.trajectory:
-        plot_trajectory(predictions.trajectory, predictions.labels, classes, out / "trajectory.png")
-    write_trust_figures(out, predictions, metrics["uncertainty_measure"])
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    """Every file into a hidden folder beside `out`, which then takes its place (an earlier evaluation there goes)."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write_text_atomic(staging / "predictions.csv", predictions_csv(predictions, classes, metrics["uncertainty_measure"]))
+        plot_confusion_matrix(metrics["confusion_matrix"], classes, staging / "confusion_matrix.png")
+        if predictions.trajectory:
+            plot_trajectory(predictions.trajectory, predictions.labels, classes, staging / "trajectory.png")
+        write_trust_figures(staging, predictions, metrics["uncertainty_measure"])
+        write_text_atomic(staging / "metrics.json", json.dumps(sealed(metrics), indent=2, allow_nan=False))
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """`new` renamed to `target`; an existing `target` is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_trust_figures(out: Path, predictions: SplitPredictions, measure: str) -> None:
@@ -244,6 +291,9 @@ def load_images(files: list[Path], transform) -> torch.Tensor:
                 tensors.append(transform(image))
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise UnreadableImageError(f"{path} is not a readable image ({error}); remove it or convert it") from None
+        except Image.DecompressionBombError as error:  # refused from its header, before any pixel is decoded
+            raise UnreadableImageError(f"{path} is refused without being decoded ({error}); shrink it first: "
+                                       f"the model reads it resized to its input size anyway") from None
     return torch.stack(tensors)
 
 

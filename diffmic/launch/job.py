@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..config import Config, EvalConfig, config_from_dict
-from ..errors import USER_ERRORS
+from ..errors import USER_ERRORS, file_system_error
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
@@ -129,6 +129,12 @@ def main(argv: list[str]) -> None:
         job_from_json(Path(argv[0]).read_text()).run(progress="--progress" in argv[1:])
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as error:  # a file system refusal that names its file, as in the CLI
+        converted = file_system_error(error)
+        if converted is None:
+            raise
+        print(f"error: {converted}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import flag
 from ..errors import SlurmError
-from ..fileio import write_json_atomic
+from ..fileio import read_json_object, write_json_atomic
 from ..run import RunFolder
 
 UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -233,12 +233,10 @@ def submit_array(tasks: list, options: SlurmOptions, log_dir: Path, job_name: st
 
 
 def job_records(run_dir: Path) -> list[dict]:
+    """The records of the jobs submitted for a run with --slurm (none for a run trained here)."""
     paths = [RunFolder(run_dir).job_file(kind) for kind in ("train", "eval")]
-    records = [json.loads(path.read_text()) for path in paths if path.is_file()]
-    if not records:
-        raise SlurmError(f"{run_dir} holds no slurm_train.json or slurm_eval.json: no job was submitted for it "
-                         f"with --slurm (is it a run folder?)")
-    return records
+    fix = "restore it from a copy; the job's logs are in RUN/slurm/"
+    return [read_json_object(path, fix) for path in paths if path.is_file()]
 
 
 def job_state(record: dict) -> str:

@@ -6,7 +6,9 @@ task). Each run is an ordinary run folder `SWEEP/runs/<name>/`, trained and eval
 (diffmic.launch.job) as `diffmic train` and `diffmic eval`, each in a child process: one run's crash cannot
 take the sweep down, and a resumed run goes through the trainer's own resume from its latest checkpoint.
 Whoever executes a run (the local loop, or its Slurm array task) writes its status to
-`SWEEP/runs/<name>/sweep-status.json`, so array tasks running at once never write the same file.
+`SWEEP/runs/<name>/sweep-status.json`, so array tasks running at once never write the same file. Both files are
+sealed with their checksum (diffmic.fileio): a damaged one is refused by name, with the way back. `diffmic sweep`
+holds SWEEP/.lock while it runs or submits, so a second one on the same folder stops at once (diffmic.run.lock).
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..errors import USER_ERRORS, UserError
-from ..fileio import write_json_atomic
+from ..errors import USER_ERRORS, RunFileError, UserError
+from ..fileio import open_for_append, read_sealed_json, write_sealed_json
 from ..run import RunFolder
 from .job import EvalJob, Job, TrainJob, job_command, job_file
 
 SWEEP_FILE = "sweep.json"
 STATUS_FIELDS = ("status", "error", "started", "ended")
 STATUSES = ("pending", "queued", "training", "evaluating", "finished", "failed")
+RUN_NAME = re.compile(r"[A-Za-z0-9_.=-]+")  # what _slug leaves: a run folder's name, never a path
+STATUS_FIX = "delete it and run the sweep's command again: the run goes on from its checkpoints"
+PLAN_FIX = ("restore it from a copy, or delete it and run the sweep's command again (its runs' states are read "
+            "back from their folders)")
 
 
 class SweepError(UserError, ValueError):
@@ -64,19 +70,22 @@ class SweepRun:
         return self.folder(sweep_dir).test_evaluation / "metrics.json"
 
     def write_status(self, sweep_dir: Path) -> None:
-        write_json_atomic(self.folder(sweep_dir).sweep_status_file,
+        write_sealed_json(self.folder(sweep_dir).sweep_status_file,
                           {**{key: getattr(self, key) for key in STATUS_FIELDS}, "executor": self.executor})
 
     def read_status(self, sweep_dir: Path) -> None:
-        import json
-
+        """The latest word on this run from its folder (none yet: the plan's); RunFileError naming a damaged one."""
         path = self.folder(sweep_dir).sweep_status_file
-        if path.is_file():
-            values = json.loads(path.read_text())
-            for key in STATUS_FIELDS:
-                setattr(self, key, str(values.get(key, getattr(self, key))))
-            executor = values.get("executor")
-            self.executor = executor if isinstance(executor, dict) else {}
+        try:
+            values = read_sealed_json(path, STATUS_FIX)
+        except FileNotFoundError:
+            return
+        problem = _status_problem(values)
+        if problem:
+            raise RunFileError(f"{path} is damaged ({problem}); {STATUS_FIX}")
+        for key in STATUS_FIELDS:
+            setattr(self, key, values.get(key, getattr(self, key)))
+        self.executor = values.get("executor") or {}
 
     def shown_status(self) -> str:
         """The status, or "interrupted" for a run left training or evaluating by a process that is dead
@@ -86,6 +95,17 @@ class SweepRun:
         if self.status in ("training", "evaluating") and self.executor and is_stale(self.executor, this_holder("")):
             return "interrupted"
         return self.status
+
+
+def _status_problem(values: dict) -> str:
+    """What makes a run's status record (in sweep-status.json or sweep.json) not one diffmic writes; "" when none."""
+    if values.get("status", "pending") not in STATUSES:
+        return f"unknown status {values.get('status')!r}"
+    if any(not isinstance(values.get(key, ""), str) for key in STATUS_FIELDS):
+        return "a status field is not text"
+    if not isinstance(values.get("executor", {}), dict):
+        return "its executor is not a record"
+    return ""
 
 
 def sweep_logs(sweep_dir: Path) -> Path:
@@ -147,30 +167,59 @@ class SweepPlan:
     jobs: dict[str, dict] = field(default_factory=dict)  # run name -> its Slurm array task (launch.slurm record)
 
     def save(self, sweep_dir: Path) -> None:
-        write_json_atomic(sweep_dir / SWEEP_FILE, {**asdict(self), "runs": [asdict(run) for run in self.runs]})
+        write_sealed_json(sweep_dir / SWEEP_FILE, {**asdict(self), "runs": [asdict(run) for run in self.runs]})
 
     def run(self, name: str) -> SweepRun:
         return next(run for run in self.runs if run.name == name)
 
     @classmethod
     def load(cls, sweep_dir: Path) -> "SweepPlan":
-        import json
-
         path = Path(sweep_dir) / SWEEP_FILE
         if not path.is_file():
-            raise SweepError(f"{sweep_dir} holds no {SWEEP_FILE}: is it a folder made by `diffmic sweep`?")
-        values = json.loads(path.read_text())
-        plan = cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
-                   values["created"], values.get("jobs", {}))
+            raise SweepError(f"{path} is missing: is {sweep_dir} a folder made by `diffmic sweep`? If it is, run the "
+                             f"sweep's command again: it rebuilds the plan from its runs' folders")
+        values = read_sealed_json(path, PLAN_FIX)
+        try:
+            plan = cls(values["command"], values["shards"], [SweepRun(**run) for run in values["runs"]],
+                       values["created"], values.get("jobs", {}))
+        except (KeyError, TypeError) as error:
+            raise RunFileError(f"{path} is damaged (it is not the plan diffmic writes: {error}); {PLAN_FIX}") from None
+        problem = _plan_problem(plan)
+        if problem:
+            raise RunFileError(f"{path} is damaged ({problem}); {PLAN_FIX}")
         for run in plan.runs:  # the run folders hold the latest word on each run
             run.read_status(sweep_dir)
         return plan
+
+
+def _plan_problem(plan: SweepPlan) -> str:
+    """What makes a loaded plan not one diffmic writes (a run name that is a path, a status it never writes)."""
+    if not isinstance(plan.command, str) or not isinstance(plan.jobs, dict):
+        return "its command or jobs are of the wrong type"
+    for run in plan.runs:
+        if not isinstance(run.name, str) or not RUN_NAME.fullmatch(run.name) or run.name in (".", ".."):
+            return f"the run name {run.name!r} is not one diffmic makes"
+        if not isinstance(run.overrides, list) or not isinstance(run.config_file, str):
+            return f"run {run.name}'s config or overrides are of the wrong type"
+        problem = _status_problem(asdict(run))
+        if problem:
+            return f"run {run.name}: {problem}"
+    return ""
+
+
+def looks_like_sweep(folder: Path) -> bool:
+    """A sweep folder, also one that lost its sweep.json: runs/ beside no config.yaml of a run of its own."""
+    folder = Path(folder)
+    return (folder / SWEEP_FILE).is_file() or ((folder / "runs").is_dir() and
+                                               not RunFolder(folder).config_file.exists())
 
 
 def merge_with_existing(sweep_dir: Path, plan: SweepPlan) -> SweepPlan:
     """Re-running a sweep keeps the state of its runs; a different set of runs is refused (it would mix two
     experiments under one folder)."""
     if not (sweep_dir / SWEEP_FILE).is_file():
+        for run in plan.runs:  # a sweep.json deleted (or never written): each run folder still says how it stands
+            run.read_status(sweep_dir)
         return plan
     previous = SweepPlan.load(sweep_dir)
     old = {run.name: run for run in previous.runs}
@@ -196,7 +245,7 @@ def _run_child(job: Job, command: str, log: Path) -> int:
     """The job in a child process, its output appended to `log` under the `diffmic` command it amounts to; the
     exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as handle, job_file(job) as spec:
+    with open_for_append(log) as handle, job_file(job) as spec:
         handle.write(f"\n$ {command}\n")
         handle.flush()
         child = subprocess.Popen([sys.executable, *job_command(spec)], stdout=handle, stderr=subprocess.STDOUT,

@@ -104,7 +104,7 @@ def known_classes(config: Config) -> list[str]:
 def _assemble(folder: RunFolder, config: Config, provenance: dict, facts: dict, step: int, imported):
     """config.yaml, run.json and checkpoints/step-N (also the best), assembled under a hidden name, then renamed
     to `folder`; returns the checkpoint at its final place."""
-    from ..checkpoint import read_checkpoint, write_best_checkpoint, write_weights_checkpoint
+    from ..checkpoint import read_checkpoint, verify, write_best_checkpoint, write_weights_checkpoint
 
     staging = RunFolder(folder.staging)
     classes, origin = provenance["classes"], facts["imported_from"]
@@ -123,4 +123,6 @@ def _assemble(folder: RunFolder, config: Config, provenance: dict, facts: dict, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return read_checkpoint(folder.path / checkpoint.path.relative_to(staging.path))
+    # Read back as eval will read it: every file against the sha256 computed while it was written.
+    written = read_checkpoint(folder.path / checkpoint.path.relative_to(staging.path))
+    return verify(written, read=written.files)

@@ -1,7 +1,7 @@
 """A run folder: `RunFolder` names every path in it, makes new run names and keeps its record (config.yaml and
 run.json). Nothing else in diffmic joins a file name onto a run folder.
 
-    RUN/config.yaml              the resolved config, written at the start of every session
+    RUN/config.yaml              the resolved config, written at the start of every session (its checksum last)
     RUN/run.json                 provenance (git commit, shards, manifest hash) and the history of the sessions
     RUN/metrics.jsonl            a row per logging interval and per validation (log.py)
     RUN/curves.png               the training curves drawn from it (diffmic report)
@@ -14,12 +14,14 @@ run.json). Nothing else in diffmic joins a file name onto a run folder.
     RUN/slurm/, RUN/slurm_<kind>.json   submitit's logs and the record of the job (diffmic status)
     RUN/sweep.log, RUN/sweep-status.json   a run of a sweep: its commands' output and its status
 
+config.yaml, run.json, metrics.jsonl and sweep-status.json are sealed with their checksum (diffmic.fileio): a damaged
+one is refused by name, never silently replaced or believed.
+
 Imports nothing heavy: `diffmic status`, `report` and `compare` read run folders without torch.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -28,9 +30,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import Config, dump_config
-from ..fileio import write_text_atomic
+from ..errors import RunFileError
+from ..fileio import read_sealed_json, read_sealed_text, sealed_text, write_sealed_json, write_text_atomic
 
 RUNS_ROOT = Path("runs")  # where a run goes when no folder is named, relative to the working folder
+RECORD_FIX = ("restore it from a copy, or delete it: the run then starts a new history in run.json (its checkpoints "
+              "and metrics.jsonl are kept)")
+CONFIG_FIX = "restore it from a copy (the COMPLETE record of each of the run's checkpoints holds the same config)"
 TEST_EVALUATION = "test"  # RUN/eval/test: a sweep's evaluation of each run
 
 
@@ -125,16 +131,23 @@ class RunFolder:
         began = previous.get("fine_tuned_from") or session.get("fine_tuned_from")
         if began:  # how the run began stays recorded for its whole life
             run["fine_tuned_from"] = began
-        write_text_atomic(self.config_file, dump_config(config))
-        write_text_atomic(self.record_file, json.dumps(run, indent=2))
+        write_text_atomic(self.config_file, sealed_text(dump_config(config)))
+        write_sealed_json(self.record_file, run)
 
     def read_record(self) -> dict:
-        """run.json; an unreadable one only loses the history, never the run."""
+        """run.json ({} before the first session); RunFileError naming it when it is damaged, so that the run's
+        history is never silently replaced."""
         try:
-            values = json.loads(self.record_file.read_text())
-        except (OSError, ValueError):
+            values = read_sealed_json(self.record_file, RECORD_FIX)
+        except FileNotFoundError:
             return {}
-        return values if isinstance(values, dict) else {}
+        if not isinstance(values.get("sessions", []), list):
+            raise RunFileError(f"{self.record_file} is damaged (its 'sessions' is not a list); {RECORD_FIX}")
+        return values
+
+    def read_config_text(self) -> str:
+        """config.yaml's YAML, its checksum checked; RunFileError naming it when it is damaged."""
+        return read_sealed_text(self.config_file, CONFIG_FIX)
 
 
 def git_commit() -> str:

@@ -1,10 +1,13 @@
-"""One writer per run folder: RUN/.lock, taken by rank 0 before anything is written, released on every exit.
+"""One writer per run folder: RUN/.lock, taken by rank 0 before anything is written, released on every exit; and
+one `diffmic sweep` per sweep folder: SWEEP/.lock, the same lock.
 
-The lock file names its holder (host, pid and the pid's start time, the Slurm job and its restart count).
-A lock is stale, and taken over, when its holder is a dead process on this host or a Slurm job that ended;
-a requeued Slurm job keeps its job id, so a higher restart count of the same job also marks the old lock as
-its own previous run. Anything else is a live writer, and the second `diffmic train` stops with one line
-naming it. `eval` and `predict` only read, and take no lock.
+The lock file names its holder (host, pid and the pid's start time, the Slurm job and its restart count), sealed
+with its checksum (diffmic.fileio). A lock is stale, and taken over, when its holder is a dead process on this host
+or a Slurm job that ended; a requeued Slurm job keeps its job id, so a higher restart count of the same job also
+marks the old lock as its own previous run. Anything else is a live writer, and the second `diffmic train` (or
+`diffmic sweep`) stops with one line naming it. A lock file that is not one diffmic wrote (damaged, edited, a pid
+no system has) is refused by name: only the user can know that no run uses the folder. `eval` and `predict` only
+read, and take no lock.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import RunLockError
+from ..errors import RunFileError, RunLockError
+from ..fileio import read_sealed_json, sealed
 from .folder import RunFolder
 
 # squeue states of a job that still runs or will run again.
 LIVE_JOB_STATES = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+PID_LIMIT = 1 << 22  # Linux's PID_MAX_LIMIT: no process id is larger
 
 
 def process_start(pid: int) -> str | None:
@@ -35,6 +40,8 @@ def process_start(pid: int) -> str | None:
 
 
 def pid_alive(pid: int, started: str | None) -> bool:
+    if not 0 < pid <= PID_LIMIT:  # os.kill would overflow or signal a process group: no such process exists
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,33 +90,41 @@ def is_stale(holder: dict, me: dict) -> bool:
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
-        self.path = RunFolder(run_dir).lock_file
+    """The lock of a run folder (what = "diffmic train") or of a sweep folder (what = "diffmic sweep")."""
+
+    def __init__(self, folder: str | Path, what: str = "diffmic train"):
+        self.path = RunFolder(folder).lock_file  # a sweep folder's lock has the same name
+        self.what = what
         self.token = uuid.uuid4().hex
         self.held = False
 
     def acquire(self) -> None:
-        """Takes the lock or raises RunLockError naming the holder."""
+        """Takes the lock or raises RunLockError naming the holder (or the lock file that cannot be written)."""
         me = this_holder(self.token)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            if self._create(me):
-                self.held = True
-                return
-            holder = self._read()
-            if holder is None:
-                continue  # released (or taken over) meanwhile: try again
-            if not is_stale(holder, me):
-                raise RunLockError(f"{self.path.parent} is in use by another diffmic train ({describe(holder)}); "
-                                   f"wait for it to finish or use another --run-dir. If no run is using the "
-                                   f"folder, delete {self.path}")
-            self._remove_stale(holder)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                if self._create(me):
+                    self.held = True
+                    return
+                holder = self._read()
+                if holder is None:
+                    continue  # released (or taken over) meanwhile: try again
+                if not is_stale(holder, me):
+                    raise RunLockError(f"{self.path.parent} is in use by another {self.what} ({describe(holder)}); "
+                                       f"wait for it to finish or use another folder. If nothing is using the "
+                                       f"folder, delete {self.path}")
+                self._remove_stale(holder)
+        except OSError as error:
+            raise RunLockError(f"cannot take the lock {self.path} ({error.strerror or error}): {self.what} writes "
+                               f"into {self.path.parent}, which must be writable; make it writable or use another "
+                               f"folder") from None
         raise RunLockError(f"could not take {self.path}: other processes keep replacing it")
 
     def _create(self, me: dict) -> bool:
         """Atomic: the lock appears with its whole content, or not at all if one exists already."""
         temporary = self.path.with_name(f"{self.path.name}.{self.token}.tmp")
-        temporary.write_text(json.dumps(me, indent=2))
+        temporary.write_text(json.dumps(sealed(me), indent=2))
         try:
             os.link(temporary, self.path)
             return True
@@ -119,14 +134,19 @@ class RunLock:
             temporary.unlink(missing_ok=True)
 
     def _read(self) -> dict | None:
+        """The holder named by the lock file; None once it is gone; RunLockError for a file diffmic did not write."""
+        fix = f"if nothing is using {self.path.parent}, delete it"
         try:
-            values = json.loads(self.path.read_text())
+            holder = read_sealed_json(self.path, fix)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            raise RunLockError(f"{self.path} exists but is not a lock diffmic wrote; if no run is using "
-                               f"{self.path.parent}, delete it") from None
-        return values if isinstance(values, dict) else {}
+        except (RunFileError, OSError) as error:
+            raise RunLockError(f"{self.path} is not a lock diffmic wrote ({error}); {fix}") from None
+        pid = holder.get("pid")
+        if not isinstance(holder.get("host"), str) or not isinstance(pid, int) or not 0 < pid <= PID_LIMIT:
+            raise RunLockError(f"{self.path} is not a lock diffmic wrote (no host, or a pid no process can have: "
+                               f"{pid!r}); {fix}")
+        return holder
 
     def _remove_stale(self, holder: dict) -> None:
         """Moves the stale lock aside first, so two processes recovering at once cannot both win."""
@@ -135,11 +155,7 @@ class RunLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = None
-        if moved != holder:  # someone replaced it between our read and the rename: put theirs back
+        if self._parsed(aside) != holder:  # someone replaced it between our read and the rename: put theirs back
             try:
                 os.link(aside, self.path)
             except FileExistsError:
@@ -151,12 +167,14 @@ class RunLock:
         if not self.held:
             return
         self.held = False
-        holder = self._read_quietly()
+        holder = self._parsed(self.path)
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
-    def _read_quietly(self) -> dict | None:
+    @staticmethod
+    def _parsed(path: Path) -> dict | None:
+        """A lock file's holder, None when it is gone or unreadable (the quiet read of release and takeover)."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return read_sealed_json(path, "")
+        except (OSError, RunFileError):
             return None
