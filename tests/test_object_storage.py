@@ -161,6 +161,10 @@ class CountingFilesystem:
         self._reads.append(path)
         return self._fs.cat_file(path, *args, **kwargs)
 
+    async def open_async(self, path, *args, **kwargs):
+        self._reads.append(path)
+        return await self._fs.open_async(path, *args, **kwargs)
+
 
 def test_a_remote_shard_is_fetched_once_to_check_and_to_read_it(bucket_shards, store_env, monkeypatch):
     """The sha256 is computed as the bytes arrive: evaluating from the bucket, and `verify`, fetch each shard once."""

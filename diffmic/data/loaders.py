@@ -178,39 +178,62 @@ def _copies(samples: Iterator[dict], weights: tuple[float, ...], rng: np.random.
             yield sample
 
 
-def _kept(plan: TrainPlan, rng: np.random.Generator) -> Iterator[dict]:
+MAX_FETCH_AHEAD = 8  # remote shards a loader worker holds in flight at most (in memory, or in the cache)
+
+
+def _kept(plan: TrainPlan, rng: np.random.Generator, reads: int) -> Iterator[dict]:
     """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless. In a
-    loader worker, a remote shard is fetched while the one before is read (`_next_draw` knows which it will be;
-    not with class copies, whose number the buffer's draws depend on)."""
+    loader worker, remote shards are fetched while the one before is read: as many ahead as fill the shuffle buffer
+    (the worker reads that many at once when it starts), and none that starts after the `reads` samples this epoch
+    takes (`_next_draws` knows which they will be; not with class copies, whose number the buffer's draws depend on)."""
     weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
-    reader = ShardReader(plan.fetching, ahead=get_worker_info() is not None and plan.class_weights is None)
+    in_worker = get_worker_info() is not None and plan.class_weights is None
+    reader = ShardReader(plan.fetching, ahead=_fetch_depth(plan) if in_worker else 0)
     position = 0  # samples yielded so far
     while True:
         index = int(rng.choice(len(plan.shards), p=weights))
         samples = reader.read(plan.shards[index])
         if reader.fetches_ahead(plan.shards[index]):
-            reader.prefetch(plan.shards[_next_draw(rng, weights, plan, position, plan.counts[index])])
+            upcoming = _next_draws(rng, weights, plan, position, index, reader.ahead, reads)
+            reader.prefetch([plan.shards[drawn] for drawn in upcoming])
         for sample in samples:
             if plan.keep is None or sample["__key__"] in plan.keep:
                 position += 1
                 yield sample
 
 
-def _next_draw(rng: np.random.Generator, weights: np.ndarray, plan: TrainPlan, position: int, count: int) -> int:
-    """The shard `_kept` draws after the current one (`count` selected samples, the first at stream position
-    `position`), by the same calls on a copy of the generator: between two shard draws, `shuffled_samples` draws one
-    buffer slot for each sample that finds its buffer full (positions from plan.shuffle_buffer on), and nothing
-    else."""
-    ahead = copy.deepcopy(rng)
-    for _ in range(max(0, position + count - max(position, plan.shuffle_buffer))):
-        ahead.integers(plan.shuffle_buffer)
-    return int(ahead.choice(len(plan.shards), p=weights))
+def _fetch_depth(plan: TrainPlan) -> int:
+    """Shards fetched ahead: enough to fill the shuffle buffer, plus the one read while it empties."""
+    mean_count = sum(plan.counts) / len(plan.counts)
+    return min(MAX_FETCH_AHEAD, 1 + math.ceil(plan.shuffle_buffer / max(mean_count, 1.0)))
 
 
-def shuffled_samples(plan: TrainPlan, logical_worker: int) -> Iterator[dict]:
-    """Undecoded samples of shards drawn with replacement, through a shuffle buffer; endless."""
+def _next_draws(rng: np.random.Generator, weights: np.ndarray, plan: TrainPlan, position: int, index: int,
+                depth: int, reads: int) -> list[int]:
+    """The (at most `depth`) shards `_kept` draws after shard `index`, whose first selected sample is at stream
+    position `position`, by the same calls on a copy of the generator: between two shard draws, `shuffled_samples`
+    draws one buffer slot for each sample that finds its buffer full (positions from plan.shuffle_buffer on), and
+    nothing else. Shards that would start at or after position `reads` are never read, so not listed."""
+    ahead, upcoming = copy.deepcopy(rng), []
+    while len(upcoming) < depth:
+        count = plan.counts[index]
+        for _ in range(max(0, position + count - max(position, plan.shuffle_buffer))):
+            ahead.integers(plan.shuffle_buffer)
+        position += count
+        if position >= reads:
+            break
+        index = int(ahead.choice(len(plan.shards), p=weights))
+        upcoming.append(index)
+    return upcoming
+
+
+def shuffled_samples(plan: TrainPlan, logical_worker: int, batches: int | None = None) -> Iterator[dict]:
+    """Undecoded samples of shards drawn with replacement, through a shuffle buffer; endless. `batches`: how many
+    batches the caller takes (it bounds the shards fetched ahead); None: no bound."""
     rng = _generator(plan.seed, plan.epoch, plan.rank, logical_worker, SAMPLE_STREAM)
-    samples = _kept(plan, rng)
+    # To yield n samples the buffer takes in n + shuffle_buffer.
+    reads = math.inf if batches is None else batches * plan.batch_size + plan.shuffle_buffer
+    samples = _kept(plan, rng, reads)
     if plan.class_weights is not None:  # its own generator: the shard draws and the buffer stay as they were
         samples = _copies(samples, plan.class_weights,
                           _generator(plan.seed, plan.epoch, plan.rank, logical_worker, BALANCE_STREAM))
@@ -243,8 +266,9 @@ def worker_train_batches(plan: TrainPlan, physical_worker: int, normalise) -> It
     asks its workers round-robin starting at worker 0, so physical worker p plays logical worker
     (p + start_batch) mod W: its first batch is then exactly batch start_batch + p."""
     logical = (physical_worker + plan.start_batch) % plan.workers
-    samples = shuffled_samples(plan, logical)
-    for batch_index in range(logical, plan.steps, plan.workers):
+    batch_indexes = range(logical, plan.steps, plan.workers)
+    samples = shuffled_samples(plan, logical, len(batch_indexes))
+    for batch_index in batch_indexes:
         chosen = [next(samples) for _ in range(plan.batch_size)]
         if batch_index >= plan.start_batch:  # earlier batches are drawn but never decoded
             yield augmented_batch(chosen, plan, batch_index, normalise)
@@ -306,12 +330,12 @@ def eval_batches(shards: list[ShardFile], image_format: str, batch_size: int, no
     boundary (each shard's last batch may be partial), so a sample meets the same batch mates whatever the
     number of ranks and workers, and batch-dependent floating-point rounding cannot make results depend on
     them."""
-    reader = ShardReader(fetching, ahead=get_worker_info() is not None)  # the next shard downloads meanwhile
+    reader = ShardReader(fetching, ahead=int(get_worker_info() is not None))  # the next shard downloads meanwhile
     for index, shard in enumerate(shards):
         pending: list[dict] = []
         samples = reader.read(shard)
-        if index + 1 < len(shards):
-            reader.prefetch(shards[index + 1])
+        if reader.fetches_ahead(shard):
+            reader.prefetch(shards[index + 1:index + 2])
         for sample in samples:
             if keep is not None and sample["__key__"] not in keep:
                 continue

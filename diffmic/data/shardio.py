@@ -13,6 +13,7 @@ import io
 import re
 import tarfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -193,27 +194,32 @@ def _samples(shard: ShardFile, opener: Callable[[], BinaryIO]) -> Iterator[dict]
 
 
 class ShardReader:
-    """Reads the shards of one stream in turn. With `ahead`, `prefetch(shard)` starts fetching the remote shard the
-    stream will read next in a thread, so that its download overlaps the work on the current one (each loader
-    worker otherwise waits for every shard it draws). A shard is still checked in full before any of its samples
-    is used, and a wrong guess costs only its download."""
+    """Reads the shards of one stream in turn. With `ahead` > 0, `prefetch(shards)` starts fetching (in threads) the
+    remote shards the stream will read next, up to `ahead` of them, so that their downloads overlap the work on the
+    current one (each loader worker otherwise waits for every shard it draws). A shard is still checked in full
+    before any of its samples is used, and a wrong guess costs only its download."""
 
-    def __init__(self, fetching: Fetching, ahead: bool):
+    def __init__(self, fetching: Fetching, ahead: int):
         self.fetching, self.ahead = fetching, ahead
-        self._fetched: _Fetch | None = None
+        self._pending: deque[_Fetch] = deque()  # fetches started, in the order the stream will read them
 
     def fetches_ahead(self, shard: ShardFile) -> bool:
-        return self.ahead and is_url(shard.location)
+        return self.ahead > 0 and is_url(shard.location)
 
-    def prefetch(self, shard: ShardFile) -> None:
-        if self.fetches_ahead(shard):
-            self._fetched = _Fetch(shard, self.fetching)
+    def prefetch(self, upcoming: list[ShardFile]) -> None:
+        """The shards read after the current one, in order: those not yet in flight start fetching."""
+        upcoming = upcoming[:self.ahead]
+        if [fetch.shard for fetch in self._pending] != upcoming[:len(self._pending)]:
+            self._pending.clear()  # the stream's course changed: drop the guesses
+        for shard in upcoming[len(self._pending):]:
+            self._pending.append(_Fetch(shard, self.fetching))
 
     def read(self, shard: ShardFile) -> Iterator[dict]:
         """The samples of `shard`, from its fetch ahead when that was for it; claimed now, read lazily."""
-        fetched, self._fetched = self._fetched, None
+        fetched = self._pending.popleft() if self._pending else None
         if fetched is not None and fetched.shard == shard:
             return _samples(shard, fetched.result)
+        self._pending.clear()
         return read_shard(shard, self.fetching)
 
 

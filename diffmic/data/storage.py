@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +93,36 @@ def parent(location: str | Path) -> str | Path:
 _OPENED: dict[int, object] = {}
 
 
+# botocore reads the S3 service description and the endpoint rules (megabytes of JSON) into each session it makes,
+# which costs a new S3 client 0.1-0.4 s of CPU. A DataLoader worker is a new process every epoch and makes its own
+# client, so a session made after a fork takes the data files its parent already read (they are read-only); its
+# credentials and connections stay its own. benchmarks/data.py --s3 measured the time to an epoch's first batch.
+_S3_SESSION: tuple[int, object] | None = None  # (the pid that made it, its AioSession)
+_BOTOCORE_DATA = None  # the first session's data loader, shared by every session made after it
+
+
+def _s3_session():
+    """This process's botocore session for S3, made once per process."""
+    global _S3_SESSION, _BOTOCORE_DATA
+    if _S3_SESSION is None or _S3_SESSION[0] != os.getpid():
+        from aiobotocore.session import AioSession
+
+        session = AioSession()
+        if _BOTOCORE_DATA is None:
+            _BOTOCORE_DATA = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _BOTOCORE_DATA)
+        _S3_SESSION = (os.getpid(), session)
+    return _S3_SESSION[1]
+
+
 def filesystem(url: str):
     """The fsspec filesystem of a URL and the path it knows the object by."""
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        options = {"session": _s3_session()} if scheme(url) in {"s3", "s3a"} else {}
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:  # an unknown scheme, or its library is not installed
         raise StorageError(f"{url}: no storage library for this URL ({error}); install the fsspec "
                            f"implementation it names (s3fs for s3://, gcsfs for gs://)") from None
@@ -312,15 +336,34 @@ def remember(path: Path, shard: ShardFile) -> None:
 
 
 # --- opening and reading one shard ------------------------------------------------------------------
+def _blocks(fs, path: str) -> Iterator[bytes]:
+    """An object's bytes in blocks of at most BLOCK. Where the library streams a whole object from one request
+    (fsspec's async filesystems: s3fs, gcsfs, http) it does so; its file objects would first ask for the object's
+    details (a request more per shard, and a third more CPU per 3 MB shard from the CI's S3 server)."""
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import sync
+
+        try:
+            handle = sync(fs.loop, fs.open_async, path, "rb")
+        except NotImplementedError:
+            handle = None
+        if handle is not None:
+            while block := sync(fs.loop, handle.read, BLOCK):
+                yield block
+            sync(fs.loop, handle.close)
+            return
+    with fs.open(path, "rb", block_size=BLOCK, cache_type="none") as handle:
+        yield from iter(lambda: handle.read(BLOCK), b"")
+
+
 def _stream_checked(shard: ShardFile, sink: BinaryIO) -> None:
     """Copies a remote shard into `sink`, hashing it on the way; ChecksumMismatch when it is not the manifest's."""
     fs, path = filesystem(shard.location)
     digest, size = hashlib.sha256(), 0
-    with fs.open(path, "rb", block_size=BLOCK, cache_type="none") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
-            size += len(block)
-            sink.write(block)
+    for block in _blocks(fs, path):
+        digest.update(block)
+        size += len(block)
+        sink.write(block)
     if size != shard.bytes:
         raise ChecksumMismatch(f"{size} bytes arrived, the manifest says {shard.bytes}")
     if digest.hexdigest() != shard.sha256:
