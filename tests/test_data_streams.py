@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,10 +312,10 @@ def test_long_keys_survive_the_round_trip(tmp_path):
 
 
 def test_the_train_stream_fetches_ahead_exactly_the_shards_it_draws_next_and_none_it_will_not_read(shards, monkeypatch):
-    """In a loader worker the stream fetches the next remote shards while it reads the current one: enough to fill
-    its shuffle buffer (8 samples, shards of 3: 1 + 3 ahead), and none that the epoch ends before reading. It knows
-    which by drawing on a copy of its generator. Recorded here on local shards, through the buffer's filling and
-    after it, to the end of the epoch."""
+    """In a loader worker the stream fetches remote shards while it reads the current one: the next one, and all
+    that start while its shuffle buffer fills (8 samples here), since it reads those back to back; none that the
+    epoch ends before reading. It knows which by drawing on a copy of its generator. Recorded here on local shards,
+    through the buffer's filling and after it, to the end of the epoch."""
     from diffmic.data import loaders
     from diffmic.data.shardio import ShardReader, read_shard
 
@@ -334,7 +335,12 @@ def test_the_train_stream_fetches_ahead_exactly_the_shards_it_draws_next_and_non
     monkeypatch.setattr(loaders, "ShardReader", Recording)
     monkeypatch.setattr(loaders, "get_worker_info", lambda: object())  # as inside a loader worker
     keys = keys_of(train_loader(shards, data_config(num_workers=0), batch_size=4, seed=3, epoch=1))
-    assert len(drawn) > 10 and len(guessed) == len(drawn)
+    counts = {str(Path(shards) / entry.file): entry.count for entry in read_manifest(shards).splits["train"].shards}
+    starts = [sum(counts[location] for location in drawn[:read]) for read in range(len(drawn))]
+    assert len(drawn) > 10 and len(guessed) == len(drawn) and starts[2] < 8 <= starts[-1]
     for read, upcoming in enumerate(guessed):
-        assert upcoming == drawn[read + 1:read + 1 + 4]  # 4 ahead, fewer only where the epoch's reading ends
+        end = read + 2  # the next shard, then those that start before the buffer is full
+        while end < len(drawn) and starts[end] < 8:
+            end += 1
+        assert upcoming == drawn[read + 1:end]  # fewer only where the epoch's reading ends
     assert keys == keys_of(train_loader(shards, data_config(num_workers=0), batch_size=4, seed=3, epoch=1))

@@ -183,44 +183,38 @@ MAX_FETCH_AHEAD = 8  # remote shards a loader worker holds in flight at most (in
 
 def _kept(plan: TrainPlan, rng: np.random.Generator, reads: int) -> Iterator[dict]:
     """Samples of shards drawn with replacement (weighted by their sample counts), those in `keep`; endless. In a
-    loader worker, remote shards are fetched while the one before is read: as many ahead as fill the shuffle buffer
-    (the worker reads that many at once when it starts), and none that starts after the `reads` samples this epoch
-    takes (`_next_draws` knows which they will be; not with class copies, whose number the buffer's draws depend on)."""
+    loader worker, remote shards are fetched while the one before is read (`_next_draws` knows which; not with
+    class copies, whose number the buffer's draws depend on)."""
     weights = np.asarray(plan.counts, dtype=np.float64) / sum(plan.counts)
     in_worker = get_worker_info() is not None and plan.class_weights is None
-    reader = ShardReader(plan.fetching, ahead=_fetch_depth(plan) if in_worker else 0)
+    reader = ShardReader(plan.fetching, ahead=MAX_FETCH_AHEAD if in_worker else 0)
     position = 0  # samples yielded so far
     while True:
         index = int(rng.choice(len(plan.shards), p=weights))
         samples = reader.read(plan.shards[index])
         if reader.fetches_ahead(plan.shards[index]):
-            upcoming = _next_draws(rng, weights, plan, position, index, reader.ahead, reads)
-            reader.prefetch([plan.shards[drawn] for drawn in upcoming])
+            reader.prefetch([plan.shards[drawn] for drawn in _next_draws(rng, weights, plan, position, index, reads)])
         for sample in samples:
             if plan.keep is None or sample["__key__"] in plan.keep:
                 position += 1
                 yield sample
 
 
-def _fetch_depth(plan: TrainPlan) -> int:
-    """Shards fetched ahead: enough to fill the shuffle buffer, plus the one read while it empties."""
-    mean_count = sum(plan.counts) / len(plan.counts)
-    return min(MAX_FETCH_AHEAD, 1 + math.ceil(plan.shuffle_buffer / max(mean_count, 1.0)))
-
-
 def _next_draws(rng: np.random.Generator, weights: np.ndarray, plan: TrainPlan, position: int, index: int,
-                depth: int, reads: int) -> list[int]:
-    """The (at most `depth`) shards `_kept` draws after shard `index`, whose first selected sample is at stream
-    position `position`, by the same calls on a copy of the generator: between two shard draws, `shuffled_samples`
-    draws one buffer slot for each sample that finds its buffer full (positions from plan.shuffle_buffer on), and
-    nothing else. Shards that would start at or after position `reads` are never read, so not listed."""
+                reads: int) -> list[int]:
+    """The shards to fetch now, among those `_kept` draws after shard `index` (whose first selected sample is at
+    stream position `position`): the next one, and every one that starts while the shuffle buffer fills (a worker
+    reads those back to back when it starts; fetching more at once only slows those), at most MAX_FETCH_AHEAD; none
+    that starts at or after position `reads`, which the epoch never reads. Drawn by the same calls on a copy of the
+    generator: between two shard draws, `shuffled_samples` draws one buffer slot for each sample that finds its
+    buffer full (positions from plan.shuffle_buffer on), and nothing else."""
     ahead, upcoming = copy.deepcopy(rng), []
-    while len(upcoming) < depth:
+    while len(upcoming) < MAX_FETCH_AHEAD:
         count = plan.counts[index]
         for _ in range(max(0, position + count - max(position, plan.shuffle_buffer))):
             ahead.integers(plan.shuffle_buffer)
-        position += count
-        if position >= reads:
+        position += count  # where the next shard starts
+        if position >= reads or (upcoming and position >= plan.shuffle_buffer):
             break
         index = int(ahead.choice(len(plan.shards), p=weights))
         upcoming.append(index)
