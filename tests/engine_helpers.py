@@ -3,6 +3,7 @@ a way to start several CPU processes with `accelerate launch`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -126,6 +127,12 @@ def evil_torch_file(marker: Path) -> bytes:
     buffer = io.BytesIO()
     torch.save({"state": Payload(marker)}, buffer)
     return buffer.getvalue()
+
+
+def training_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training row of a run's metrics.jsonl (validation rows left out)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row and row.get("split") != "val"]
 
 
 def model_weights(checkpoint: Path) -> dict:

@@ -30,7 +30,7 @@ from test_slurm_jobs import (
 )
 
 from diffmic import checkpoint as ckpt
-from engine_helpers import REPO, diffmic
+from engine_helpers import REPO, diffmic, training_losses
 
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -51,10 +51,6 @@ def two_node_train(run_dir: Path, shards: Path | str, *extra_args: str, check: b
     return train_job(run_dir, shards, *extra_args, check=check, extra_overrides=extra_overrides, job=TWO_NODE_JOB,
                      **env)
 
-
-def loss_rows(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(row["step"], row["loss"]) for row in rows if "loss" in row and row.get("split") != "val"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,7 @@ def test_a_two_node_training_job_runs_one_rank_on_each_host(two_nodes, two_node_
     run = json.loads((two_node_training / "run.json").read_text())
     assert run["world_size"] == 2
     assert ckpt.find_checkpoint(two_node_training, "last").step == SLURM_STEPS
-    assert loss_rows(two_node_training)
+    assert training_losses(two_node_training)
 
 
 def test_two_nodes_train_as_a_two_task_job_on_one_node_does(two_nodes, two_node_training, slurm_training):
@@ -87,7 +83,7 @@ def test_two_nodes_train_as_a_two_task_job_on_one_node_does(two_nodes, two_node_
     one_node = record(slurm_training)
     assert len(set(rank_hosts(one_node).values())) == 1
     assert ckpt.find_checkpoint(two_node_training, "last").step == ckpt.find_checkpoint(slurm_training, "last").step
-    two, one = loss_rows(two_node_training), loss_rows(slurm_training)
+    two, one = training_losses(two_node_training), training_losses(slurm_training)
     print(f"losses, two nodes: {two}\nlosses, one node: {one}")
     assert [step for step, _ in two] == [step for step, _ in one]
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-5, abs=1e-6)
@@ -104,7 +100,7 @@ def test_a_two_node_job_trains_from_s3_with_no_shard_folder_on_either_node(two_n
     assert len(set(rank_hosts(entry).values())) == 2
     run = json.loads((run_dir / "run.json").read_text())
     assert run["shards"] == url and run["world_size"] == 2
-    ours, theirs = loss_rows(run_dir), loss_rows(two_node_training)
+    ours, theirs = training_losses(run_dir), training_losses(two_node_training)
     assert [step for step, _ in ours] == [step for step, _ in theirs]
     assert [loss for _, loss in ours] == pytest.approx([loss for _, loss in theirs], rel=1e-5, abs=1e-6)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_slurm_jobs import SLURM_TRAINING
 
-from engine_helpers import REPO, cpu_environment, free_port
+from engine_helpers import REPO, cpu_environment, free_port, training_losses
 
 pytestmark = pytest.mark.timeout(900)
 HOSTS = {"ci-node1": ("slurmci-n1", "10.77.77.11"), "ci-node2": ("slurmci-n2", "10.77.77.12")}
@@ -65,10 +65,6 @@ def on_host(name: str, argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(row["step"], row["loss"]) for row in rows if "loss" in row and row.get("split") != "val"]
-
 
 @pytest.fixture(scope="module")
 def single_host_run(remote_shards, object_store, tmp_path_factory) -> Path:
@@ -102,7 +98,7 @@ def test_two_hosts_started_by_hand_train_from_s3_as_two_processes_on_one_host_do
     assert run["world_size"] == 2 and run["hosts"] == "0:ci-node1 1:ci-node2"
     assert "ranks on 0:ci-node1 1:ci-node2" in outputs[0]
     assert run["shards"] == remote_shards
-    two_hosts_losses, one_host_losses = losses(run_dir), losses(single_host_run)
+    two_hosts_losses, one_host_losses = training_losses(run_dir), training_losses(single_host_run)
     print(f"losses, two hosts: {two_hosts_losses}\nlosses, one host: {one_host_losses}")
     assert two_hosts_losses[-1][0] == one_host_losses[-1][0]  # the same final step
     assert two_hosts_losses == one_host_losses
