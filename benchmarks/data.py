@@ -11,9 +11,10 @@ About a minute on 2 cores.
 With `--s3 s3://bucket/prefix` (the client's usual variables: AWS_ENDPOINT_URL, keys, region) it also uploads the
 HAM10000-like shards there and measures, in rounds that interleave them, an epoch of the training stream from the
 local folder, from the bucket, and from the bucket through `data.cache_dir` (its first epoch fills the cache, the
-second reads it): a few minutes more.
+second reads it): a few minutes more. Each epoch has a start-up cost (the loader workers start and fill their shuffle
+buffers), which weighs more on a remote store: the README's figures use `--ham 4096`, an epoch of 3,680 images.
 
-    python benchmarks/data.py [--ham 256] [--aptos 32] [--workers 2] [--s3 s3://bucket/prefix] [--rounds 6]
+    python benchmarks/data.py [--ham 768] [--aptos 40] [--workers 2] [--s3 s3://bucket/prefix] [--rounds 6]
 """
 
 from __future__ import annotations
