@@ -275,7 +275,7 @@ AccountingStoragePort=6819
 JobCompType=jobcomp/none
 # Short timeouts: this is a test cluster.
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=30
 InactiveLimit=0
 KillWait=10
 MinJobAge=300

@@ -129,7 +129,7 @@ def test_a_node_that_dies_mid_job_ends_the_job_failed_or_requeued_never_a_hang(t
         killed = subprocess.run(["bash", str(CLUSTER_SCRIPT), "kill-node", "2"], capture_output=True, text=True)
         assert killed.returncode == 0, killed.stderr
         started = time.monotonic()
-        # Slurm notices a silent node within SlurmdTimeout (60 s on the CI cluster) and ends its job.
+        # Slurm notices a silent node within SlurmdTimeout (30 s on the CI cluster) and ends its job.
         wait_until(lambda: job_state(entry) not in {"RUNNING", "COMPLETING", "UNKNOWN"}, timeout=300, poll=2)
         state = job_state(entry)
         print(f"after the node died: {state} in {time.monotonic() - started:.0f} s")
