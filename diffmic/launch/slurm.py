@@ -22,6 +22,7 @@ from ..config import flag
 from ..errors import SlurmError
 from ..fileio import read_json_object, write_json_atomic
 from ..run import RunFolder
+from ..run.lock import pid_alive
 
 UNFINISHED = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
               "RESIZING", "SUSPENDED", "UNKNOWN", "READY"}
@@ -259,7 +260,7 @@ def _local_state(record: dict) -> str:
         return "FAILED"
     if len(outcomes) >= tasks:
         return "COMPLETED"
-    return "RUNNING" if _alive(record.get("pid", 0)) else "FAILED"
+    return "RUNNING" if pid_alive(record.get("pid", 0), None) else "FAILED"
 
 
 class _Inert:
@@ -293,15 +294,3 @@ def job_outcome(path: Path) -> str:
     except Exception:  # a truncated or foreign file: the task did not leave a result we can trust
         return "error"
     return loaded[0] if isinstance(loaded, tuple) and loaded and isinstance(loaded[0], str) else "error"
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
