@@ -65,15 +65,19 @@ def _slurm_cluster_probe() -> tuple[SlurmClusterInfo | None, str]:
     return SlurmClusterInfo(partition=partition, nodes=tuple(sorted(set(nodes)))), ""
 
 
+def service_missing(message: str, start: str) -> None:
+    """Skip the test, or fail it under CI=true, where .ci/run must have started the service with `start`."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with {start})")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmClusterInfo:
     """A usable local Slurm cluster with accounting, or skip (fail under CI=true)."""
     info, reason = _slurm_cluster_probe()
     if info is None:
-        message = f"Slurm cluster unavailable: {reason}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with .ci/slurm-cluster.sh up)")
-        pytest.skip(message)
+        service_missing(f"Slurm cluster unavailable: {reason}", ".ci/slurm-cluster.sh up")
     return info
 
 
@@ -152,10 +156,7 @@ def object_store():
 
     env, reason = _object_store_probe()
     if env is None:
-        message = f"S3 store unavailable: {reason}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true requires it: .ci/run starts it with .ci/s3-server.sh up)")
-        pytest.skip(message)
+        service_missing(f"S3 store unavailable: {reason}", ".ci/s3-server.sh up")
     store = ObjectStore(env, f"diffmic-test-{secrets.token_hex(4)}")
     client = store.client()
     client.mkdir(store.bucket)
