@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,6 +100,10 @@ def read_plan(out):
     return json.loads((out / "sweep.json").read_text())["runs"] if (out / "sweep.json").is_file() else []
 
 
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_what_was_left_when_run_again(digits_shards, tmp_path):
     out = tmp_path / "sweep"
@@ -107,7 +112,9 @@ def test_a_killed_sweep_finishes_only_what_was_left_when_run_again(digits_shards
     deadline = time.time() + 600
     while time.time() < deadline:  # kill it while the second run trains
         runs = read_plan(out)
-        if len(runs) == 2 and runs[0]["status"] == "finished" and runs[1]["status"] == "training":
+        # The status says "training" a moment before the training starts: wait for its command in the run's log.
+        if (len(runs) == 2 and runs[0]["status"] == "finished" and runs[1]["status"] == "training"
+                and "$ diffmic train" in _text(out / "runs" / runs[1]["name"] / "sweep.log")):
             break
         assert sweep.poll() is None, sweep.stdout.read()
         time.sleep(0.5)
